@@ -1,0 +1,3 @@
+from kdkit.cli import main
+
+main()

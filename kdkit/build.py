@@ -1,0 +1,304 @@
+"""From a resolved recipe to a validated ``Experiment``, and from its tables to modules.
+
+Everything a recipe can get wrong is checked here, before any data is read or any model trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import list_optimizers
+from torch import nn
+
+from kdkit import config as C
+from kdkit.errors import KdkitError, RecipeError, did_you_mean
+from kdkit.plugins import Plugins, default_plugins
+from kdkit.recipe import Recipe
+from kdkit.schema import accepts, check_table, conform, type_name
+
+
+@dataclass
+class PluginSpec:
+    """One plugin table, checked against its factory's signature."""
+
+    kind: str
+    plugin: str
+    kwargs: dict
+    key: str
+
+    def call_kwargs(self, plugins: Plugins, **context) -> dict:
+        """The factory's arguments: the recipe's keys, and context values for keys it takes and the recipe left unset."""
+        factory = plugins.get(self.kind, self.plugin)
+        extra = {k: v for k, v in context.items() if accepts(factory, k) and k not in self.kwargs}
+        return {**self.kwargs, **extra}
+
+    def build(self, plugins: Plugins, **context):
+        return plugins.get(self.kind, self.plugin)(**self.call_kwargs(plugins, **context))
+
+
+@dataclass
+class TeacherSpec:
+    name: str
+    spec: PluginSpec | None  # None when the checkpoint is a kdkit export, which carries its own model
+    checkpoint: str = ""
+    pretrained: bool = False
+    precision: str = "auto"
+
+
+@dataclass
+class HeadSpec:
+    name: str
+    spec: PluginSpec
+    embedding: str
+
+
+@dataclass
+class LossSpec:
+    term: str  # the name of this term in logs and metrics, e.g. "kl/conv"
+    spec: PluginSpec
+    fn: object  # the built loss: building one is cheap and tells whether it needs teachers
+    head: str
+    teachers: list[str]
+    weight: float
+
+
+@dataclass
+class Experiment:
+    recipe: Recipe
+    name: str
+    seed: int
+    data: C.DataConfig
+    dataset: PluginSpec
+    student: PluginSpec
+    teachers: dict[str, TeacherSpec]
+    heads: dict[str, HeadSpec]
+    losses: list[LossSpec]
+    train: C.TrainConfig
+    augment: C.AugmentConfig
+    eval: C.EvalConfig
+    allow_random_teachers: bool = False
+    unresolved_heads: list[str] = field(default_factory=list)
+
+
+def _table(recipe: Recipe, key: str, value, *, required: bool = False) -> dict:
+    if value is None:
+        if required:
+            raise recipe.error(key, "missing required table")
+        return {}
+    if not isinstance(value, dict):
+        raise recipe.error(key, f"expected a table, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _checked(recipe: Recipe, factory, table: dict, *, kind: str, key: str) -> dict:
+    try:
+        return check_table(factory, table, kind=kind, file=None, key=key)
+    except RecipeError as exc:
+        raise recipe.error(exc.key, exc.message) from None
+
+
+def _plugin_spec(recipe, plugins, kind, table, key, core_keys, default_plugin=None) -> PluginSpec:
+    name = table.get("plugin", default_plugin)
+    if name is None:
+        raise recipe.error(f"{key}.plugin", f"missing required key: which {kind} plugin "
+                           f"(one of {', '.join(plugins.names(kind))})")
+    if not isinstance(name, str) or name not in plugins.names(kind):
+        raise recipe.error(f"{key}.plugin", f"no {kind} plugin named {name!r}"
+                           f"{did_you_mean(str(name), plugins.names(kind))}; "
+                           f"installed: {', '.join(plugins.names(kind)) or '(none)'}")
+    own = {k: v for k, v in table.items() if k not in core_keys}
+    kwargs = _checked(recipe, plugins.get(kind, name), own, kind=kind, key=key)
+    return PluginSpec(kind, name, kwargs, key)
+
+
+def _core(recipe, cls, table: dict, key: str, *, keep: set = frozenset()):
+    """Check a section's core keys against its dataclass; ``keep`` keys belong to a plugin."""
+    core = {k: v for k, v in table.items() if k not in keep}
+    return cls(**_checked(recipe, cls, core, kind="config", key=key))
+
+
+def _typed(recipe, key: str, value, annotation, default):
+    if value is None:
+        return default
+    ok, converted = conform(value, annotation)
+    if not ok:
+        raise recipe.error(key, f"expected {type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return converted
+
+
+def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teachers: bool = False) -> Experiment:
+    """Check every key of ``recipe`` and return the experiment it describes (nothing is built)."""
+    plugins = plugins or default_plugins()
+    t = recipe.table
+    for key in t:
+        if key not in C.TOP_LEVEL_KEYS:
+            raise recipe.error(key, f"unknown top-level key{did_you_mean(key, C.TOP_LEVEL_KEYS)}; "
+                               f"valid: {', '.join(sorted(C.TOP_LEVEL_KEYS))}")
+    name = _typed(recipe, "name", t.get("name"), str, recipe.path.stem)
+    seed = _typed(recipe, "seed", t.get("seed"), int, 0)
+
+    data_table = _table(recipe, "data", t.get("data"))
+    core_data = set(C.DataConfig.__dataclass_fields__)
+    data = _core(recipe, C.DataConfig, data_table, "data", keep=data_table.keys() - core_data)
+    if data.dataset not in plugins.names("dataset"):
+        raise recipe.error("data.dataset", f"no dataset plugin named {data.dataset!r}"
+                           f"{did_you_mean(data.dataset, plugins.names('dataset'))}; "
+                           f"installed: {', '.join(plugins.names('dataset'))}")
+    own_data = {k: v for k, v in data_table.items() if k not in core_data}
+    dataset = _plugin_spec(recipe, plugins, "dataset", {"plugin": data.dataset, **own_data}, "data", {"plugin"})
+
+    train = _core(recipe, C.TrainConfig, _table(recipe, "train", t.get("train")), "train")
+    augment = _core(recipe, C.AugmentConfig, _table(recipe, "augment", t.get("augment")), "augment")
+    evaluation = _core(recipe, C.EvalConfig, _table(recipe, "eval", t.get("eval")), "eval")
+    _check_train(recipe, train, augment)
+
+    student = _plugin_spec(recipe, plugins, "student", _table(recipe, "student", t.get("student"), required=True),
+                           "student", C.STUDENT_KEYS)
+    teachers = {
+        tname: _teacher(recipe, plugins, tname, _table(recipe, f"teachers.{tname}", table), allow_random_teachers)
+        for tname, table in _table(recipe, "teachers", t.get("teachers")).items()
+    }
+    heads = {
+        hname: _head(recipe, plugins, hname, _table(recipe, f"heads.{hname}", table))
+        for hname, table in _table(recipe, "heads", t.get("heads")).items()
+    }
+    losses = _losses(recipe, plugins, t.get("losses"), teachers)
+    return Experiment(recipe, name, seed, data, dataset, student, teachers, heads, losses, train, augment,
+                      evaluation, allow_random_teachers)
+
+
+def _check_train(recipe, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
+    positive = {"train.epochs": train.epochs, "train.batch_size": train.batch_size,
+                "train.accum_steps": train.accum_steps, "train.lr": train.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise recipe.error(key, f"must be positive, got {value}")
+    if train.batch_size % train.accum_steps:
+        raise recipe.error("train.accum_steps", f"must divide train.batch_size ({train.batch_size}) "
+                           f"into equal micro-batches, got {train.accum_steps}")
+    if augment.mixing and (train.batch_size // train.accum_steps) % 2:
+        raise recipe.error("train.batch_size", "mixup/cutmix needs an even micro-batch "
+                           "(batch_size / accum_steps)")
+    if train.optimizer not in list_optimizers():
+        raise recipe.error("train.optimizer", f"unknown optimizer {train.optimizer!r}"
+                           f"{did_you_mean(train.optimizer, list_optimizers())} (any timm optimizer name)")
+    if augment.repeated_aug < 1:
+        raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
+
+
+def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
+    key = f"teachers.{name}"
+    checkpoint = _typed(recipe, f"{key}.checkpoint", table.get("checkpoint"), str, "")
+    pretrained = _typed(recipe, f"{key}.pretrained", table.get("pretrained"), bool, False)
+    precision = _typed(recipe, f"{key}.precision", table.get("precision"), C.Precision, "auto")
+    from kdkit.export import is_export  # a kdkit export rebuilds its own model
+
+    if checkpoint and not Path(checkpoint).exists():
+        raise recipe.error(f"{key}.checkpoint", f"no such file or directory: {checkpoint}")
+    if checkpoint and is_export(checkpoint):
+        if "plugin" in table:
+            raise recipe.error(f"{key}.plugin", "the checkpoint is a kdkit run or student.safetensors, "
+                               "which carries its own model: drop 'plugin' and the plugin's keys")
+        extra = table.keys() - C.TEACHER_KEYS
+        if extra:
+            raise recipe.error(f"{key}.{sorted(extra)[0]}", "unknown key for a teacher loaded from a kdkit export")
+        return TeacherSpec(name, None, checkpoint, False, precision)
+    spec = _plugin_spec(recipe, plugins, "teacher", table, key, C.TEACHER_KEYS)
+    if pretrained and not accepts(plugins.get("teacher", spec.plugin), "pretrained"):
+        raise recipe.error(f"{key}.pretrained", f"teacher plugin {spec.plugin!r} has no pretrained weights")
+    if not (checkpoint or pretrained or allow_random):
+        raise recipe.error(key, "the teacher has no weights: set checkpoint or pretrained "
+                           "(kdkit run --allow-random-teachers allows random teachers, for smoke tests)")
+    return TeacherSpec(name, spec, checkpoint, pretrained, precision)
+
+
+def _head(recipe, plugins, name, table) -> HeadSpec:
+    key = f"heads.{name}"
+    embedding = _typed(recipe, f"{key}.embedding", table.get("embedding"), str, name)
+    return HeadSpec(name, _plugin_spec(recipe, plugins, "head", table, key, C.HEAD_KEYS, "linear"), embedding)
+
+
+def _losses(recipe, plugins, value, teachers: dict) -> list[LossSpec]:
+    if value is None:
+        raise recipe.error("losses", "missing: at least one [[losses]] entry (for example plugin = \"ce\", head = \"cls\")")
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise recipe.error("losses", "expected an array of tables ([[losses]] entries)")
+    specs, terms = [], set()
+    for i, table in enumerate(value):
+        key = f"losses.{i}"
+        spec = _plugin_spec(recipe, plugins, "loss", table, key, C.LOSS_KEYS)
+        head = _typed(recipe, f"{key}.head", table.get("head"), str, None)
+        if head is None:
+            raise recipe.error(f"{key}.head", "missing required key: the head whose logits this loss trains")
+        names = _typed(recipe, f"{key}.teachers", table.get("teachers"), list[str], [])
+        for j, tname in enumerate(names):
+            if tname not in teachers:
+                raise recipe.error(f"{key}.teachers.{j}", f"no teacher named {tname!r}"
+                                   f"{did_you_mean(tname, teachers)}; declared: {', '.join(teachers) or '(none)'}")
+        weight = _typed(recipe, f"{key}.weight", table.get("weight"), float, 1.0)
+        fn = spec.build(plugins)
+        needs = getattr(fn, "requires_teachers", None)
+        if needs and not names:
+            raise recipe.error(f"{key}.teachers", f"loss {spec.plugin!r} distils from teachers: name at least one")
+        if needs is False and names:
+            raise recipe.error(f"{key}.teachers", f"loss {spec.plugin!r} is a label loss and takes no teachers")
+        term = f"{spec.plugin}/{head}"
+        while term in terms:
+            term += "'"
+        terms.add(term)
+        specs.append(LossSpec(term, spec, fn, head, names, weight))
+    return specs
+
+
+def check_heads(exp: Experiment, embedding_dims: dict[str, int]) -> dict[str, HeadSpec]:
+    """Every head: the declared ones, plus one per student embedding; check every reference to them."""
+    heads = dict(exp.heads)
+    for emb in embedding_dims:
+        heads.setdefault(emb, HeadSpec(emb, PluginSpec("head", "linear", {}, f"heads.{emb}"), emb))
+    for name, head in heads.items():
+        if head.embedding not in embedding_dims:
+            raise exp.recipe.error(f"heads.{name}.embedding", f"the student has no embedding {head.embedding!r}"
+                                   f"{did_you_mean(head.embedding, embedding_dims)}; it returns: "
+                                   f"{', '.join(embedding_dims)}")
+    for i, loss in enumerate(exp.losses):
+        if loss.head not in heads:
+            raise exp.recipe.error(f"losses.{i}.head", f"no head named {loss.head!r}{did_you_mean(loss.head, heads)}; "
+                                   f"heads: {', '.join(heads)}")
+    for i, name in enumerate(exp.eval.heads):
+        if name not in heads:
+            raise exp.recipe.error(f"eval.heads.{i}", f"no head named {name!r}{did_you_mean(name, heads)}; "
+                                   f"heads: {', '.join(heads)}")
+    if not exp.eval.heads:
+        raise exp.recipe.error("eval.heads", "must name at least one head")
+    return heads
+
+
+def build_model(kind: str, plugins: Plugins | None = None, **table) -> nn.Module:
+    """Build a student or teacher from a recipe table (``plugin`` plus its keys, ``checkpoint``...)."""
+    from kdkit.checkpoint import load_weights
+    from kdkit.export import is_export, load
+
+    plugins = plugins or default_plugins()
+    if kind not in ("student", "teacher"):
+        raise KdkitError(f"kind must be 'student' or 'teacher', got {kind!r}")
+    checkpoint = table.pop("checkpoint", "")
+    pretrained = table.pop("pretrained", False)
+    table.pop("precision", None)
+    if checkpoint and is_export(checkpoint):
+        return load(checkpoint)
+    name = table.pop("plugin", None)
+    if name is None:
+        raise KdkitError(f"build_model({kind!r}) needs plugin= (one of {', '.join(plugins.names(kind))})")
+    factory = plugins.get(kind, name)
+    kwargs = check_table(factory, table, kind=kind, file=None, key=kind)
+    if pretrained:
+        kwargs["pretrained"] = True
+    model = factory(**kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,54 @@
+"""Weights in and out: plain state dicts for teachers, and the training checkpoint.
+
+Training checkpoints hold only tensors and plain data, so ``torch.load(weights_only=True)`` reads them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kdkit.errors import KdkitError
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors``, or a torch file holding one plainly or under model/state_dict."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise KdkitError(f"{path}: cannot read weights: {exc}") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise KdkitError(f"{path}: not a state dict (expected tensors, or a dict with 'model' or 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a plain state dict strictly, with a clear message on mismatch."""
+    state = read_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KdkitError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically, so a kill mid-write never leaves a broken checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

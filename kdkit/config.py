@@ -1,0 +1,88 @@
+"""The core recipe sections, as typed dataclasses: their fields are the public recipe keys.
+
+Plugin tables (``student``, ``teachers.<name>``, ``heads.<name>``, ``[[losses]]`` and the dataset's
+own keys in ``data``) take a few core keys listed here and pass the rest to the plugin factory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def default_data_root() -> str:
+    """``$KDKIT_DATA`` if set, else a per-user cache folder."""
+    if os.environ.get("KDKIT_DATA"):
+        return os.environ["KDKIT_DATA"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kdkit", "data")
+
+
+@dataclass
+class DataConfig:
+    """``[data]``: which dataset, and how much of it (``limit_*``: 0 = all, N = class-stratified subset)."""
+
+    dataset: str = "fake"
+    root: str = ""
+    image_size: int = 224
+    num_classes: int = 0
+    limit_train: int = 0
+    limit_val: int = 0
+    val_split: float = 0.0
+    batch_size_eval: int = 256
+    workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """``[train]``: optimisation. ``batch_size`` is per optimizer step, split into ``accum_steps`` micro-batches."""
+
+    epochs: int = 300
+    batch_size: int = 256
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    clip_grad: float = 0.0
+    accum_steps: int = 1
+    precision: Precision = "auto"
+
+
+@dataclass
+class AugmentConfig:
+    """``[augment]``: the DeiT recipe's augmentation, through timm's transforms and Mixup."""
+
+    rand_augment: str = ""
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    random_erasing: float = 0.0
+    interpolation: str = "bicubic"
+    repeated_aug: int = 1
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+@dataclass
+class EvalConfig:
+    """``[eval]``: the heads whose logits are averaged into the prediction (paper: class token only)."""
+
+    heads: list[str] = field(default_factory=lambda: ["cls"])
+
+
+# Core keys of the plugin tables (the rest of each table goes to the plugin factory).
+STUDENT_KEYS = {"plugin"}
+TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision"}
+HEAD_KEYS = {"plugin", "embedding"}
+LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
+TOP_LEVEL_KEYS = {"name", "seed", "extends", "data", "student", "teachers", "heads", "losses",
+                  "train", "augment", "eval"}

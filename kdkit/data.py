@@ -1,0 +1,192 @@
+"""Datasets, loaders and per-sample randomness.
+
+Dataset plugins return a ``DatasetSplits``; the core adds what every dataset shares: class-stratified
+subsets, a held-out validation split, and augmentation randomness that is a pure function of
+(seed, epoch, sample index, copy), whichever worker or process draws the sample. That makes runs
+reproducible, resumable to the bit, independent of the number of loader workers and replayable.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from kdkit.config import AugmentConfig, DataConfig
+
+DATA_SEED = 20210601  # subsets and held-out splits never move with the recipe's seed
+
+
+@dataclass
+class DatasetSplits:
+    """What a dataset plugin returns.
+
+    ``train`` and ``val`` follow torchvision's convention: items are ``(image, label)`` after
+    ``self.transform`` (a settable attribute) and ``targets`` lists every label.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def build_transforms(image_size: int, augment: AugmentConfig, mean, std, *, train: bool,
+                     crop_pct: float = 0.875):
+    """timm's transforms for the DeiT recipe: RandomResizedCrop, flip, RandAugment, random erasing.
+
+    ``crop_pct = 1`` evaluates on the whole image, right for data stored at its training size (CIFAR).
+    """
+    if train:
+        return create_transform(
+            image_size, is_training=True, scale=tuple(augment.crop_scale), hflip=augment.hflip,
+            color_jitter=0.0, auto_augment=augment.rand_augment or None,
+            interpolation=augment.interpolation, re_prob=augment.random_erasing, re_mode="pixel",
+            mean=tuple(mean), std=tuple(std),
+        )
+    return create_transform(image_size, is_training=False, interpolation=augment.interpolation,
+                            crop_pct=crop_pct, mean=tuple(mean), std=tuple(std))
+
+
+def targets_of(dataset: Dataset) -> np.ndarray:
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[np.asarray(dataset.indices)]
+    return np.asarray(dataset.targets)
+
+
+def stratified_indices(targets: np.ndarray, count: int, seed: int = DATA_SEED) -> np.ndarray:
+    """``count`` indices, each class represented in proportion to its share (largest remainder)."""
+    if count <= 0 or count >= len(targets):
+        return np.arange(len(targets))
+    rng = np.random.default_rng(seed)
+    classes, sizes = np.unique(targets, return_counts=True)
+    quota = sizes * count / len(targets)
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: count - take.sum()]:
+        take[i] += 1
+    chosen = [rng.permutation(np.flatnonzero(targets == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def split_datasets(splits: DatasetSplits, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """Apply ``val_split`` (held out of train, with eval transforms) and the ``limit_*`` subsets."""
+    train, val = splits.train, splits.val
+    if cfg.val_split > 0:
+        targets = targets_of(train)
+        held = stratified_indices(targets, round(cfg.val_split * len(targets)))
+        rest = np.setdiff1d(np.arange(len(targets)), held)
+        val = copy.copy(train)
+        val.transform = splits.val.transform
+        train, val = Subset(train, rest.tolist()), Subset(val, held.tolist())
+    if cfg.limit_train:
+        train = Subset(train, stratified_indices(targets_of(train), cfg.limit_train).tolist())
+    if cfg.limit_val:
+        val = Subset(val, stratified_indices(targets_of(val), cfg.limit_val).tolist())
+    return train, val
+
+
+def sample_seed(*key: int) -> int:
+    """A 63-bit seed that is a pure function of the key (seed, epoch, index, copy, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed Python's, NumPy's and torch's CPU generators for the block, then restore them."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+class SeededDataset(Dataset):
+    """Draws sample ``(epoch, index, copy)`` with randomness seeded from the run seed and that key."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, index, copy_ = key
+        with seeded(sample_seed(self.seed, epoch, index, copy_)):
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation per epoch, yielding ``(epoch, index, copy)`` keys.
+
+    With ``repeats`` > 1 each image appears that many times in a row, each copy augmented
+    differently (DeiT's repeated augmentation), and the epoch is cut back to ``len(dataset)``.
+    """
+
+    def __init__(self, size: int, seed: int, repeats: int = 1):
+        self.size, self.seed, self.repeats, self.epoch = size, seed, max(1, repeats), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        keys = [(self.epoch, i, c) for i in order for c in range(self.repeats)]
+        return iter(keys[: self.size])
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    sampler: EpochSampler
+
+
+def build_loaders(train: Dataset, val: Dataset, cfg: DataConfig, *, batch_size: int, seed: int,
+                  repeats: int = 1) -> Loaders:
+    """Train batches are ``drop_last`` so mixup always sees an even, full batch."""
+    if len(train) < batch_size:
+        raise ValueError(f"the training set has {len(train)} images, fewer than one batch of {batch_size}")
+    sampler = EpochSampler(len(train), seed, repeats)
+    common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    train_loader = DataLoader(SeededDataset(train, seed), batch_size=batch_size, sampler=sampler,
+                              drop_last=True, **common)
+    val_loader = DataLoader(val, batch_size=cfg.batch_size_eval, shuffle=False, **common)
+    return Loaders(train_loader, val_loader, sampler)
+
+
+class Targets:
+    """Turns hard labels into what the student learns from: timm's Mixup/CutMix, or smoothed one-hot.
+
+    Label smoothing is applied exactly once: inside Mixup when mixing is on, here otherwise.
+    The mixing draw is seeded from (seed, epoch, step), like the per-sample augmentation.
+    """
+
+    def __init__(self, augment: AugmentConfig, num_classes: int, seed: int):
+        self.num_classes, self.seed, self.smoothing = num_classes, seed, augment.label_smoothing
+        self.mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix,
+                           label_smoothing=augment.label_smoothing,
+                           num_classes=num_classes) if augment.mixing else None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, step: int):
+        if self.mixup is None:
+            return images, mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.smoothing)
+        with seeded(sample_seed(self.seed, epoch, step, 0x6D6978)):
+            return self.mixup(images, labels)

@@ -1,0 +1,28 @@
+"""Errors kdkit reports to the user without a traceback."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KdkitError(Exception):
+    """A problem with the user's input (recipe, paths, plugins): the CLI prints it and exits with 2."""
+
+
+class RecipeError(KdkitError):
+    """A recipe key is wrong; the message names the file and the key path."""
+
+    def __init__(self, message: str, *, file: object = None, key: str | None = None):
+        self.file, self.key, self.message = file, key, message
+        where = ": ".join(str(part) for part in (file, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class PluginError(KdkitError):
+    """Two distributions register the same plugin name, or a plugin breaks its contract."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean: a, b?)' for the closest valid names, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""

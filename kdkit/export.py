@@ -1,0 +1,66 @@
+"""``student.safetensors``: the trained student and heads, with what it takes to rebuild them.
+
+The metadata carries the resolved student, heads and eval tables, the class names and the input
+normalization, so ``kdkit.load`` rebuilds the model without the training state, and such a file
+(or its run directory) can serve as a teacher checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kdkit.errors import KdkitError
+from kdkit.model import DistillModel
+
+FILENAME = "student.safetensors"
+META_KEY = "kdkit"
+
+
+def export_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / FILENAME if path.is_dir() else path
+
+
+def is_export(path: str | Path) -> bool:
+    path = export_path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return META_KEY in (f.metadata() or {})
+
+
+def save(path: Path, model: DistillModel, meta: dict) -> None:
+    """Write the student (``student.*``) and heads (``heads.<name>.*``) with ``meta`` as JSON."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    tmp.replace(path)
+
+
+def read_meta(path: str | Path) -> dict:
+    path = export_path(path)
+    if not is_export(path):
+        raise KdkitError(f"{path}: not a kdkit export (a run directory or its {FILENAME})")
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()[META_KEY])
+
+
+def load(path: str | Path, plugins=None) -> DistillModel:
+    """Rebuild the exported model in eval mode; ``model.meta`` holds class names and normalization."""
+    from safetensors.torch import load_file
+
+    from kdkit.plugins import default_plugins
+
+    plugins = plugins or default_plugins()
+    file = export_path(path)
+    meta = read_meta(file)
+    student = plugins.get("student", meta["student"]["plugin"])(**meta["student"]["kwargs"])
+    heads = {name: plugins.get("head", h["plugin"])(**h["kwargs"]) for name, h in meta["heads"].items()}
+    embeddings = {name: h["embedding"] for name, h in meta["heads"].items()}
+    model = DistillModel(student, heads, embeddings, meta["eval"]["heads"])
+    model.load_state_dict(load_file(str(file)))
+    model.meta = meta
+    return model.eval()

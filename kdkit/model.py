@@ -1,0 +1,50 @@
+"""The trainable module: a student plus its token heads. Teachers live apart (kdkit.teacher)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DistillModel(nn.Module):
+    """``forward`` returns logits per head; ``predict`` averages the eval heads (``eval.heads``)."""
+
+    def __init__(self, student: nn.Module, heads: dict[str, nn.Module], embeddings: dict[str, str],
+                 eval_heads: list[str]):
+        super().__init__()
+        self.student = student
+        self.heads = nn.ModuleDict(heads)
+        self.embeddings = dict(embeddings)  # head name -> the student embedding it reads
+        self.eval_heads = list(eval_heads)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.student(images)
+        return {name: head(features[self.embeddings[name]]) for name, head in self.heads.items()}
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return combine(self(images), self.eval_heads)
+
+    def no_weight_decay(self) -> set[str]:
+        """Student parameters exempt from weight decay (position embeddings, tokens), as timm reads it."""
+        inner = getattr(self.student, "no_weight_decay", None)
+        return {f"student.{name}" for name in (inner() if inner else ())}
+
+    def eval_parameters(self) -> int:
+        """Parameters used at inference: the student and the heads that make the prediction."""
+        used = sum(p.numel() for p in self.student.parameters())
+        return used + sum(p.numel() for n in self.eval_heads for p in self.heads[n].parameters())
+
+
+def combine(logits: dict[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
+    """The prediction: the mean of the named heads' logits."""
+    return torch.stack([logits[name].float() for name in heads]).mean(0)
+
+
+class Predictor(nn.Module):
+    """A DistillModel as a plain classifier (its eval prediction): for FLOP counts and kdkit-trained teachers."""
+
+    def __init__(self, model: DistillModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(images)

@@ -1,0 +1,121 @@
+"""Plugin discovery: the ``kdkit`` entry-point group, one mmengine Registry per kind.
+
+We iterate the entry points ourselves rather than calling pluggy's
+``load_setuptools_entrypoints``: that one stops at the first plugin that fails to import and
+skips duplicate names silently, while kdkit warns about a broken plugin, keeps the others, and
+refuses two distributions that register the same name.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import pluggy
+from mmengine.registry import Registry
+
+from kdkit import hookspecs
+from kdkit.errors import KdkitError, PluginError, did_you_mean
+
+ENTRY_POINT_GROUP = "kdkit"
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded; the others keep working."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a registered name came from."""
+
+    entry_point: str
+    distribution: str
+
+    def __str__(self) -> str:
+        return f"entry point {self.entry_point!r} of distribution {self.distribution!r}"
+
+
+class Plugins:
+    """Every registered factory, by kind and name, and the distribution each came from."""
+
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager("kdkit")
+        self.manager.add_hookspecs(hookspecs)
+        self.registries = {kind: Registry(kind) for kind in hookspecs.KINDS}
+        self.origins: dict[tuple[str, str], Origin] = {}
+
+    def add(self, module: types.ModuleType, origin: Origin) -> None:
+        """Register one plugin module and record the names each of its hooks adds."""
+        self.manager.register(module, name=f"{origin.distribution}:{origin.entry_point}")
+        others = [p for p in self.manager.get_plugins() if p is not module]
+        for kind, registry in self.registries.items():
+            call = self.manager.subset_hook_caller(hookspecs.hook_name(kind), remove_plugins=others)
+            before = dict(registry.module_dict)
+            try:
+                call(registry=registry)
+            except KeyError as exc:  # mmengine refuses a name that is already registered
+                name = next((n for n in before if f"{n} is already registered" in str(exc)), None)
+                raise PluginError(
+                    f"{kind} plugin {name!r} is registered twice: by {self.origins.get((kind, name))} "
+                    f"and by {origin}"
+                ) from None
+            for name in registry.module_dict.keys() - before.keys():
+                if "." in name:
+                    raise PluginError(f"{kind} plugin name {name!r} from {origin} contains a dot")
+                self.origins[(kind, name)] = origin
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Load every plugin of the entry-point group; a plugin that fails to import is a warning."""
+        for ep in sorted(entry_points(group=group), key=lambda e: (e.dist.name if e.dist else "", e.name)):
+            distribution = ep.dist.name if ep.dist else "?"
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not take kdkit down
+                warnings.warn(
+                    f"kdkit plugin entry point {ep.name!r} ({ep.value}) of distribution "
+                    f"{distribution!r} failed to load and is skipped: {type(exc).__name__}: {exc}",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+                continue
+            self.add(module, Origin(ep.name, distribution))
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.registries[kind].module_dict)
+
+    def get(self, kind: str, name: str):
+        """The factory registered as ``name``; KdkitError naming the close matches otherwise."""
+        factory = self.registries[kind].module_dict.get(name)
+        if factory is None:
+            raise KdkitError(f"no {kind} plugin named {name!r}{did_you_mean(name, self.names(kind))}")
+        return factory
+
+    def describe(self) -> list[dict]:
+        """One row per registered name: kind, name, keys (from the factory signature), distribution."""
+        from kdkit.schema import describe_keys
+
+        rows = []
+        for kind in hookspecs.KINDS:
+            for name in self.names(kind):
+                origin = self.origins[(kind, name)]
+                factory = self.get(kind, name)
+                rows.append({
+                    "kind": kind,
+                    "name": name,
+                    "keys": describe_keys(factory, kind),
+                    "distribution": origin.distribution,
+                    "entry_point": origin.entry_point,
+                    "doc": (inspect.getdoc(factory) or "").split("\n")[0],
+                })
+        return rows
+
+
+@functools.cache
+def default_plugins() -> Plugins:
+    """The plugins of the current environment, loaded once per process."""
+    plugins = Plugins()
+    plugins.load_entry_points()
+    return plugins

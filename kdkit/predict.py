@@ -1,0 +1,33 @@
+"""Class predictions for image files, with the trained model's own eval transform."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kdkit.config import AugmentConfig
+from kdkit.data import build_transforms
+from kdkit.errors import KdkitError
+from kdkit.export import load
+
+
+def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> list[tuple[Path, list]]:
+    """``[(image, [(class name, probability), ...]), ...]``, most probable first."""
+    model = load(model_path)
+    meta = model.meta
+    crop_pct = 1.0 if meta["image_size"] <= 64 else 0.875
+    transform = build_transforms(meta["image_size"], AugmentConfig(), meta["mean"], meta["std"], train=False,
+                                 crop_pct=crop_pct)
+    mode = "L" if meta["in_chans"] == 1 else "RGB"
+    results = []
+    for path in images:
+        try:
+            image = Image.open(path).convert(mode)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise KdkitError(f"{path}: cannot read the image: {exc}") from None
+        with torch.no_grad():
+            probs = model.predict(transform(image).unsqueeze(0)).softmax(-1)[0]
+        values, indices = probs.topk(min(top, len(probs)))
+        results.append((path, [(meta["class_names"][i], v.item()) for v, i in zip(values, indices.tolist())]))
+    return results

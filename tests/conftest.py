@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny recipes on fake data, and the CLI runner."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdkit.cli import app
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Two timm teachers, one timm student with three heads on its pooled embedding: seconds on a CPU.
+TWO_TEACHER_RECIPE = """
+seed = 0
+
+[data]
+dataset = "fake"
+image_size = 32
+num_classes = 4
+train_size = 64
+val_size = 32
+batch_size_eval = 32
+workers = 0
+
+[student]
+plugin = "timm"
+model = "test_vit"
+model_kwargs = { img_size = 32 }
+
+[teachers.conv]
+plugin = "timm"
+model = "test_resnet"
+
+[teachers.other]
+plugin = "timm"
+model = "test_efficientnet"
+
+[heads.cls]
+embedding = "pool"
+
+[heads.conv]
+embedding = "pool"
+
+[heads.inv]
+embedding = "pool"
+
+[[losses]]
+plugin = "ce"
+head = "cls"
+
+[[losses]]
+plugin = "kl"
+head = "conv"
+teachers = ["conv"]
+
+[[losses]]
+plugin = "kl"
+head = "inv"
+teachers = ["other"]
+
+[train]
+epochs = 2
+batch_size = 16
+lr = 1e-3
+warmup_epochs = 1
+
+[augment]
+mixup = 0.8
+cutmix = 1.0
+label_smoothing = 0.1
+
+[eval]
+heads = ["cls", "conv", "inv"]
+"""
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe file (dedented) into the test's temp dir and return its path."""
+
+    def write(text: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    """Invoke the kdkit CLI in-process; returns typer's Result (exit_code, output)."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke

@@ -1,0 +1,62 @@
+"""Loss plugins against values worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdkit_plugins.losses import ce, hard, kl
+
+STUDENT = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+TEACHER = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+
+
+def kl_by_hand(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def softmax(values, tau=1.0):
+    exps = [math.exp(v / tau) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_kl_batchmean_is_the_papers_term():
+    # row 0: teacher uniform, student softmax(1, 0); row 1: teacher softmax(2, 0), student uniform
+    expected = (kl_by_hand([0.5, 0.5], softmax([1, 0])) + kl_by_hand(softmax([2, 0]), [0.5, 0.5])) / 2
+    value = kl()(STUDENT, target=None, labels=None, teacher_logits=[TEACHER])
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_numel_and_temperature():
+    tau = 2.0
+    rows = [kl_by_hand(softmax(t, tau), softmax(s, tau)) for s, t in zip(STUDENT.tolist(), TEACHER.tolist())]
+    expected = tau**2 * sum(rows) / STUDENT.numel()  # DeiT's reduction: sum over the number of elements
+    value = kl(tau=tau, reduction="numel")(STUDENT, target=None, labels=None, teacher_logits=[TEACHER])
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_ensembles_mean_probability_or_mean_logit():
+    other = torch.tensor([[4.0, 0.0], [0.0, 0.0]])
+    mean_prob = [[(a + b) / 2 for a, b in zip(softmax(t1), softmax(t2))]
+                 for t1, t2 in zip(TEACHER.tolist(), other.tolist())]
+    mean_logit = [softmax([(a + b) / 2 for a, b in zip(t1, t2)]) for t1, t2 in zip(TEACHER.tolist(), other.tolist())]
+    for ensemble, teacher_probs in (("mean_prob", mean_prob), ("mean_logit", mean_logit)):
+        expected = sum(kl_by_hand(p, softmax(s)) for p, s in zip(teacher_probs, STUDENT.tolist())) / 2
+        value = kl(ensemble=ensemble)(STUDENT, target=None, labels=None, teacher_logits=[TEACHER, other])
+        assert value.item() == pytest.approx(expected, rel=1e-6), ensemble
+
+
+def test_ce_uses_the_soft_target():
+    target = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    expected = -sum(sum(t * math.log(p) for t, p in zip(tr, softmax(sr)))
+                    for tr, sr in zip(target.tolist(), STUDENT.tolist())) / 2
+    value = ce()(STUDENT, target=target, labels=None, teacher_logits=[])
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hard_distillation_uses_the_teachers_argmax():
+    # teacher argmax: row 0 -> class 0 (tie broken to the first), row 1 -> class 0
+    expected = -(math.log(softmax([1, 0])[0]) + math.log(0.5)) / 2
+    value = hard()(STUDENT, target=None, labels=None, teacher_logits=[TEACHER])
+    assert value.item() == pytest.approx(expected, rel=1e-6)

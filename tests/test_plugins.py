@@ -1,0 +1,90 @@
+"""Plugin discovery through the ``kdkit`` entry-point group, with fake distributions on sys.path."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from kdkit.errors import PluginError
+from kdkit.plugins import Plugins, PluginWarning
+
+
+def make_distribution(root, name: str, modules: dict[str, str], entry_points: dict[str, str]):
+    """An installed-looking distribution: its modules and a dist-info with entry_points.txt."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[kdkit]\n{lines}\n")
+
+
+def test_builtins_register_through_the_entry_point_group():
+    plugins = Plugins()
+    plugins.load_entry_points()
+    assert {"ce", "kl", "hard"} <= set(plugins.names("loss"))
+    assert "linear" in plugins.names("head")
+    assert "fake" in plugins.names("dataset")
+    assert plugins.origins[("loss", "kl")].distribution == "kdkit"
+
+
+def test_broken_plugin_is_a_warning_and_the_others_work(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "kdkit-broken", {"broken_plugin": "raise ImportError('no such thing')"},
+                      {"broken": "broken_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins()
+    with pytest.warns(PluginWarning, match=r"entry point 'broken' .* distribution 'kdkit-broken' failed to load"):
+        plugins.load_entry_points()
+    assert "kl" in plugins.names("loss")
+
+
+def test_same_name_from_two_distributions_is_an_error_naming_both(tmp_path, monkeypatch):
+    source = """
+        import kdkit
+
+        def kl():
+            '''A rival kl.'''
+
+        @kdkit.hookimpl
+        def kdkit_register_losses(registry):
+            registry.register_module("kl", module=kl)
+        """
+    make_distribution(tmp_path, "kdkit-rival", {"rival_plugin": source}, {"rival": "rival_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins()
+    with pytest.raises(PluginError) as info:
+        plugins.load_entry_points()
+    message = str(info.value)
+    assert "'kl' is registered twice" in message
+    assert "distribution 'kdkit'" in message and "distribution 'kdkit-rival'" in message
+
+
+def test_dotted_plugin_names_are_refused(tmp_path, monkeypatch):
+    source = """
+        import kdkit
+
+        def f():
+            pass
+
+        @kdkit.hookimpl
+        def kdkit_register_heads(registry):
+            registry.register_module("my.head", module=f)
+        """
+    make_distribution(tmp_path, "kdkit-dotted", {"dotted_plugin": source}, {"dotted": "dotted_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="'my.head' .* contains a dot"):
+        Plugins().load_entry_points()
+
+
+def test_plugins_command_lists_kinds_keys_and_distributions(cli):
+    result = cli("plugins", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {(r["kind"], r["name"]): r for r in json.loads(result.stdout)}
+    kl = rows[("loss", "kl")]
+    assert kl["distribution"] == "kdkit"
+    assert {"key": "tau", "type": "float", "default": 1.0} in kl["keys"]
+    assert ("student", "timm") in rows and ("teacher", "timm") in rows
+    table = cli("plugins")
+    assert table.exit_code == 0 and "linear" in table.stdout
