@@ -35,7 +35,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a plain state dict strictly, with a clear message on mismatch."""
     state = read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not match
+        raise KdkitError(f"{path}: weights do not fit the model: {exc}") from None
     if missing or unexpected:
         raise KdkitError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"

@@ -15,7 +15,7 @@ from kdkit.errors import KdkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdkit: multi-teacher knowledge distillation for vision models.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -1,0 +1,118 @@
+"""Every malformed recipe ends in one clear message naming the file and key, exit status 2, no traceback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TWO_TEACHER_RECIPE
+
+# (overrides, expected message). Each case starts from the two-teacher recipe.
+CASES = [
+    (["trian.epochs=1"], "trian: unknown top-level key (did you mean: train?)"),
+    (["train.epoch=3"], "train.epoch: unknown key (did you mean: epochs?)"),
+    (['train.epochs="ten"'], "train.epochs: expected int, got str 'ten'"),
+    (["train.epochs=0"], "train.epochs: must be positive, got 0"),
+    (["train.precision=fp16"], "train.precision: expected 'auto' | 'fp32' | 'bf16', got str 'fp16'"),
+    (["train.optimizer=adamww"], "train.optimizer: unknown optimizer 'adamww' (did you mean: adamw"),
+    (["train.accum_steps=3"], "train.accum_steps: must divide train.batch_size (16)"),
+    (["train.batch_size=18", "train.accum_steps=2"], "train.batch_size: mixup/cutmix needs an even micro-batch"),
+    (['seed="zero"'], "seed: expected int, got str 'zero'"),
+    (["student.plugin=timmm"], "student.plugin: no student plugin named 'timmm' (did you mean: timm?)"),
+    (["student.modle=1"], "student.modle: unknown key (did you mean: model?)"),
+    (["data.dataset=cifar11"], "data.dataset: no dataset plugin named 'cifar11' (did you mean: cifar10"),
+    (["data.train_sise=10"], "data.train_sise: unknown key (did you mean: train_size?)"),
+    (["data.image_size=3.5"], "data.image_size: expected int, got float 3.5"),
+    (['losses.1.teachers=["conf"]'], "losses.1.teachers.0: no teacher named 'conf' (did you mean: conv?)"),
+    (["losses.1.teachers=[]"], "losses.1.teachers: loss 'kl' distils from teachers: name at least one"),
+    (['losses.0.teachers=["conv"]'], "losses.0.teachers: loss 'ce' is a label loss and takes no teachers"),
+    (["losses.1.plugin=kld"], "losses.1.plugin: no loss plugin named 'kld' (did you mean: kl?)"),
+    (["losses.1.temperature=2.0"], "losses.1.temperature: unknown key"),
+    (["losses.1.tau=hot"], "losses.1.tau: expected float, got str 'hot'"),
+    (["losses.0.head=clss"], "losses.0.head: no head named 'clss' (did you mean: cls?)"),
+    (['eval.heads=["cls", "cnov"]'], "eval.heads.1: no head named 'cnov' (did you mean: conv?)"),
+    (["eval.heads=[]"], "eval.heads: must name at least one head"),
+    (["heads.cls.embedding=pol"], "heads.cls.embedding: the student has no embedding 'pol' (did you mean: pool?)"),
+    (["heads.cls.plugin=lineaar"], "heads.cls.plugin: no head plugin named 'lineaar' (did you mean: linear?)"),
+    (["teachers.conv.checkpoint=missing.pt"], "teachers.conv.checkpoint: no such file or directory"),
+    (["teachers.conv.precision=half"], "teachers.conv.precision: expected 'auto' | 'fp32' | 'bf16'"),
+    (["losses.5.weight=1.0"], "losses.5: no list entry '5': the list has 3 entries"),
+    (["augment.mixup=lots"], "augment.mixup: expected float, got str 'lots'"),
+    (["losses=3"], "losses: expected an array of tables"),
+    (["student=3"], "student: expected a table, got int 3"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CASES, ids=[c[1].split(":")[0] for c in CASES])
+def test_bad_recipe(overrides, message, write_recipe, cli, tmp_path):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    out = tmp_path / "out"
+    args = ["run", recipe, "--out", out, "--allow-random-teachers"]
+    for override in overrides:
+        args += ["-o", override]
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_error_names_the_file_that_set_the_key(write_recipe, cli, tmp_path):
+    base = write_recipe(TWO_TEACHER_RECIPE, "base.toml")
+    child = write_recipe(f'extends = "{base.name}"\n[train]\nlr = 1e-3\n', "child.toml")
+    result = cli("run", child, "--out", tmp_path / "out", "--allow-random-teachers", "-o", "train.epochs=-1")
+    assert result.exit_code == 2 and "error: -o: train.epochs: must be positive" in result.output
+    result = cli("run", child, "--out", tmp_path / "out", "--allow-random-teachers", "-o", "train.accum_steps=5")
+    assert f"{base}: train.accum_steps" not in result.output  # set by -o
+    result = cli("run", child, "--out", tmp_path / "out", "-o", "losses.1.tau=-x")
+    assert result.exit_code == 2
+
+
+def test_teacher_without_weights_needs_the_flag(write_recipe, cli, tmp_path):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    result = cli("run", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"{recipe}: teachers.conv: the teacher has no weights" in result.output
+    assert "--allow-random-teachers" in result.output
+
+
+def test_checkpoint_that_does_not_fit(write_recipe, cli, tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers",
+                 "-o", f"teachers.conv.checkpoint={bad}")
+    assert result.exit_code == 2
+    assert f"{bad}: weights do not fit the model" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "recipe file not found"),
+    ("[train\n", "not valid TOML"),
+])
+def test_unreadable_recipe_files(content, message, tmp_path, cli):
+    path = tmp_path / "r.toml"
+    if content is not None:
+        path.write_text(content)
+    result = cli("run", path)
+    assert result.exit_code == 2 and f"{path}: {message}" in result.output
+
+
+def test_missing_data_says_where_it_looked(write_recipe, cli, tmp_path):
+    recipe = write_recipe(TWO_TEACHER_RECIPE.replace("train_size = 64\nval_size = 32\n", ""))
+    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers",
+                 "-o", "data.dataset=cifar10", "-o", f"data.root={tmp_path / 'nodata'}",
+                 "-o", "data.num_classes=0")
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "nodata") in result.output
+
+
+def test_cli_exit_code_in_a_subprocess(write_recipe, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    proc = subprocess.run([sys.executable, "-m", "kdkit", "run", str(recipe), "-o", "train.epoch=1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.epoch: unknown key" in proc.stderr and "Traceback" not in proc.stderr

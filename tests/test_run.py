@@ -1,0 +1,127 @@
+"""End to end: ``kdkit run`` of a two-teacher recipe on fake data, and what it leaves behind."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kdkit
+from kdkit.export import read_meta
+
+from conftest import TWO_TEACHER_RECIPE
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One completed run, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("run")
+    recipe = root / "two_teachers.toml"
+    recipe.write_text(TWO_TEACHER_RECIPE)
+    out = kdkit.run(recipe, out=root / "out", allow_random_teachers=True)
+    return recipe, out
+
+
+def test_run_directory_holds_everything(finished_run):
+    recipe, out = finished_run
+    for name in ("recipe.toml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "student.safetensors"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]["train"]) == {"loss", "ce/cls", "kl/conv", "kl/inv"}
+    assert set(rows[0]["top1"]) == {"cls", "conv", "inv", "pool", "eval"}
+    assert rows[0]["images_per_s"] > 0 and rows[0]["wall_s"] > 0 and rows[0]["lr"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["name"] == "two_teachers"
+    assert set(summary["teacher_top1"]) == {"conv", "other"}
+    assert summary["best_epoch"] in (1, 2) and summary["top1"] == rows[-1]["top1"]
+    assert summary["params"] > 0 and summary["flops"] > 0
+    assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
+    assert summary["kdkit_version"] == kdkit.__version__ and len(summary["recipe_hash"]) == 16
+    assert "[teachers.conv]" in (out / "recipe.toml").read_text()
+
+
+def test_checkpoints_load_with_weights_only(finished_run):
+    _, out = finished_run
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] > 0
+    assert {"model", "optimizer", "scheduler", "history"} <= set(state)
+
+
+def test_export_rebuilds_the_model(finished_run):
+    _, out = finished_run
+    model = kdkit.load(out)
+    meta = read_meta(out / "student.safetensors")
+    assert meta["eval"]["heads"] == ["cls", "conv", "inv"] and meta["student"]["plugin"] == "timm"
+    assert len(model.meta["class_names"]) == 4
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    logits = model.predict(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 4)
+
+
+def test_a_run_directory_serves_as_a_teacher(finished_run, write_recipe, tmp_path):
+    _, out = finished_run
+    recipe = write_recipe(f"""
+        [data]
+        dataset = "fake"
+        image_size = 32
+        num_classes = 4
+        train_size = 64
+        val_size = 32
+        batch_size_eval = 32
+        workers = 0
+        [student]
+        plugin = "timm"
+        model = "test_resnet"
+        [teachers.previous]
+        checkpoint = "{out}"
+        [[losses]]
+        plugin = "kl"
+        head = "pool"
+        teachers = ["previous"]
+        [train]
+        epochs = 1
+        batch_size = 16
+        [eval]
+        heads = ["pool"]
+        """)
+    second = kdkit.run(recipe, out=tmp_path / "second")
+    summary = json.loads((second / "summary.json").read_text())
+    first = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_top1"]["previous"] == pytest.approx(first["top1"]["eval"])
+
+
+def test_existing_run_directory_is_refused_and_untouched(finished_run, cli):
+    recipe, out = finished_run
+    before = (out / "summary.json").read_text()
+    result = cli("run", recipe, "--out", out, "--allow-random-teachers")
+    assert result.exit_code == 2
+    assert "exists and is not empty" in result.output and "--force" in result.output
+    assert (out / "summary.json").read_text() == before
+
+
+def test_force_overwrites(finished_run, cli, tmp_path):
+    recipe, _ = finished_run
+    out = tmp_path / "forced"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    result = cli("run", recipe, "--out", out, "--force", "--allow-random-teachers", "-o", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists()
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+def test_predict_prints_top_classes(finished_run, cli, tmp_path):
+    from PIL import Image
+
+    _, out = finished_run
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(image)
+    result = cli("predict", out, image, "--top", "2")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{image}: ") and result.output.count("%") == 2
+    bad = cli("predict", out, tmp_path / "missing.png")
+    assert bad.exit_code == 2 and "cannot read the image" in bad.output
