@@ -183,6 +183,8 @@ def _check_train(recipe, train: C.TrainConfig, augment: C.AugmentConfig) -> None
     if train.optimizer not in list_optimizers():
         raise recipe.error("train.optimizer", f"unknown optimizer {train.optimizer!r}"
                            f"{did_you_mean(train.optimizer, list_optimizers())} (any timm optimizer name)")
+    if not 0 <= recipe.table.get("data", {}).get("val_split", 0) < 1:
+        raise recipe.error("data.val_split", "must be a fraction of the training set in [0, 1)")
     if augment.repeated_aug < 1:
         raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
 

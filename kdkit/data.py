@@ -82,7 +82,7 @@ def split_datasets(splits: DatasetSplits, cfg: DataConfig) -> tuple[Dataset, Dat
     train, val = splits.train, splits.val
     if cfg.val_split > 0:
         targets = targets_of(train)
-        held = stratified_indices(targets, round(cfg.val_split * len(targets)))
+        held = stratified_indices(targets, max(1, round(cfg.val_split * len(targets))))
         rest = np.setdiff1d(np.arange(len(targets)), held)
         val = copy.copy(train)
         val.transform = splits.val.transform
@@ -105,7 +105,7 @@ def seeded(seed: int):
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
@@ -189,4 +189,4 @@ class Targets:
         if self.mixup is None:
             return images, mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.smoothing)
         with seeded(sample_seed(self.seed, epoch, step, 0x6D6978)):
-            return self.mixup(images, labels)
+            return self.mixup(images.clone(), labels)  # timm mixes in place

@@ -1,0 +1,245 @@
+"""The built-in dataset plugins: fake, cifar10/100 (torchvision files, image tree, archive), fashion_mnist, imagefolder."""
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+import re
+import struct
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kdkit_plugins.datasets as datasets
+from kdkit.config import AugmentConfig, DataConfig
+from kdkit.data import seeded, split_datasets
+from kdkit.errors import KdkitError, RecipeError
+from kdkit.plugins import default_plugins
+from kdkit.schema import check_table
+
+CIFAR10_ARCHIVE = next((p for p in (Path(__file__).parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz",
+                                    Path("/work/shared/data/cifar10-jpeg.tar.gz")) if p.is_file()), None)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CONTEXT = dict(image_size=32, augment=AugmentConfig(), num_classes=0)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def make_tree(root: Path, splits=("train", "test"), classes=("cat", "dog"), per_class=4, size=8) -> dict:
+    """PNG images (lossless, so decoded pixels can be compared) in ``root/<split>/<class>/``."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for split in splits:
+        for label in classes:
+            (root / split / label).mkdir(parents=True)
+            for i in range(per_class):
+                array = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(array).save(root / split / label / f"{i:03d}.png")
+                pixels[split, label, i] = array
+    return pixels
+
+
+def make_archive(tree: Path, archive: Path, top: str = "") -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(tree / split, arcname=f"{top}{split}")
+    return archive
+
+
+# --- fake ----------------------------------------------------------------------------------------
+
+def test_fake_is_deterministic_and_balanced():
+    first, second = (datasets.fake(**CONTEXT, train_size=40, val_size=20) for _ in range(2))
+    assert (len(first.train), len(first.val), first.num_classes, first.in_chans) == (40, 20, 10, 3)
+    with seeded(7):
+        a = first.train[5]
+    with seeded(7):
+        b = second.train[5]
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert torch.equal(first.val[3][0], second.val[3][0])
+    train_pixels, val_pixels = copy.copy(first.train), copy.copy(first.val)
+    train_pixels.transform = val_pixels.transform = None
+    assert train_pixels[0][0].tobytes() != val_pixels[0][0].tobytes()  # val images are unseen ones
+    assert np.bincount(first.train.targets).tolist() == [4] * 10
+    assert [first.train[i][1] for i in range(40)] == first.train.targets
+
+
+def test_fake_images_do_not_depend_on_the_process_random_state():
+    """Each image is a pure function of its index, so loader workers and other processes agree."""
+    splits = datasets.fake(image_size=16, augment=AugmentConfig(), num_classes=3, in_chans=1)
+    torch.manual_seed(1)
+    image, label = splits.val[2]
+    torch.manual_seed(2)
+    assert torch.equal(splits.val[2][0], image) and image.shape == (1, 16, 16) and label == 2
+
+
+# --- cifar10 from the real archive ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_cifar10():
+    """Loaded through the user's cache, as training runs do: only the first run on a machine decodes."""
+    if CIFAR10_ARCHIVE is None:
+        pytest.skip("cifar10-jpeg.tar.gz is not in shared/data")
+    start = time.perf_counter()
+    splits = datasets.cifar10(root=str(CIFAR10_ARCHIVE), **CONTEXT)
+    return splits, time.perf_counter() - start
+
+
+def test_cifar10_archive(real_cifar10):
+    splits, seconds = real_cifar10
+    print(f"CIFAR-10 load (decoding unless cached): {seconds:.1f} s")
+    assert (len(splits.train), len(splits.val)) == (50_000, 10_000)
+    assert splits.class_names == CIFAR10_CLASSES and splits.num_classes == 10 and splits.in_chans == 3
+    assert np.bincount(splits.train.targets).tolist() == [5000] * 10
+    assert np.bincount(splits.val.targets).tolist() == [1000] * 10
+    image, label = splits.val[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+    assert splits.train.images.dtype == torch.uint8 and splits.train.images.shape == (50_000, 32, 32, 3)
+
+
+def test_cifar10_second_load_hits_the_cache(real_cifar10, monkeypatch):
+    splits, _ = real_cifar10
+    monkeypatch.setattr(datasets, "_decode_tree", lambda source: pytest.fail("decoded again"))
+    start = time.perf_counter()
+    again = datasets.cifar10(root=str(CIFAR10_ARCHIVE), **CONTEXT)
+    seconds = time.perf_counter() - start
+    print(f"cached CIFAR-10 load: {seconds:.2f} s")
+    assert seconds < 5
+    assert torch.equal(again.train.images, splits.train.images)
+    assert again.val.targets == splits.val.targets and again.class_names == splits.class_names
+
+
+# --- in-memory image trees and archives -------------------------------------------------------------
+
+def test_tree_and_archive_load_identically(tmp_path, cache):
+    pixels = make_tree(tmp_path / "tree")
+    archive = make_archive(tmp_path / "tree", tmp_path / "tiny.tar.gz")
+    (tmp_path / "holder").mkdir()
+    nested = make_archive(tmp_path / "tree", tmp_path / "holder" / "nested.tgz", top="tiny/")
+    loaded = [datasets.cifar10(root=str(root), **CONTEXT)
+              for root in (tmp_path / "tree", archive, tmp_path / "holder")]
+    for splits in loaded:
+        assert splits.class_names == ["cat", "dog"] and splits.num_classes == 2
+        assert splits.train.targets == [0] * 4 + [1] * 4 and len(splits.val) == 8
+        assert np.array_equal(splits.train.images[5].numpy(), pixels["train", "dog", 1])
+        assert np.array_equal(splits.val.images[2].numpy(), pixels["test", "cat", 2])
+        assert splits.train[0][0].shape == (3, 32, 32)
+    assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_changed_archive_is_decoded_again(tmp_path, cache):
+    make_tree(tmp_path / "tree")
+    archive = make_archive(tmp_path / "tree", tmp_path / "tiny.tar.gz")
+    datasets.cifar100(root=str(archive), **CONTEXT)
+    datasets.cifar100(root=str(archive), **CONTEXT)
+    assert len(list(cache.glob("*.pt"))) == 1
+    os.utime(archive, ns=(0, 0))
+    datasets.cifar100(root=str(archive), **CONTEXT)
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_missing_cifar_names_where_it_looked(tmp_path):
+    with pytest.raises(KdkitError) as error:
+        datasets.cifar10(root=str(tmp_path / "nowhere"), **CONTEXT)
+    message = str(error.value)
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message and "data.download" in message
+
+
+def test_wrong_num_classes(tmp_path, cache):
+    make_tree(tmp_path)
+    with pytest.raises(KdkitError, match="num_classes is 10 but the dataset has 2"):
+        datasets.cifar10(root=str(tmp_path), **{**CONTEXT, "num_classes": 10})
+
+
+def test_archive_without_a_tree(tmp_path, cache):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "notes.txt", arcname="notes.txt")
+    with pytest.raises(KdkitError, match="holds no train/<class>/<image> files"):
+        datasets.cifar10(root=str(tmp_path), **CONTEXT)
+
+
+def test_val_split_swaps_in_the_eval_transform():
+    images = torch.zeros(20, 4, 4, 3, dtype=torch.uint8)
+    train = datasets.InMemoryImages(images, [0, 1] * 10, transform=lambda image: "train")
+    val = datasets.InMemoryImages(images[:2], [0, 1], transform=lambda image: "eval")
+    splits = datasets.DatasetSplits(train, val, 2, 3, ["a", "b"], (0.5,) * 3, (0.5,) * 3)
+    fit, held = split_datasets(splits, DataConfig(val_split=0.2))
+    assert (len(fit), len(held)) == (16, 4)
+    assert {fit[i][0] for i in range(16)} == {"train"} and {held[i][0] for i in range(4)} == {"eval"}
+    assert held.dataset.images is train.images  # a shallow copy: pixels are shared
+    assert sorted(held[i][1] for i in range(4)) == [0, 0, 1, 1]
+
+
+# --- fashion_mnist ---------------------------------------------------------------------------------
+
+def write_idx(path: Path, array: np.ndarray, gzipped: bool) -> None:
+    data = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(data) if gzipped else data)
+
+
+def test_fashion_mnist_from_torchvision_raw_files(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(3 * 28 * 28, dtype=np.uint64).astype(np.uint8).reshape(3, 28, 28)
+    for split, (image_file, label_file) in datasets.FASHION_MNIST_FILES.items():
+        write_idx(raw / f"{image_file}.gz", images, gzipped=True)
+        write_idx(raw / label_file, np.array([9, 0, 4], np.uint8), gzipped=False)  # both kinds
+    splits = datasets.fashion_mnist(root=str(tmp_path), **CONTEXT)
+    assert splits.in_chans == 1 and splits.train.targets == [9, 0, 4]
+    assert np.array_equal(splits.val.images[..., 0].numpy(), images)
+    assert splits.train[0][0].shape == (1, 32, 32)
+
+
+@pytest.mark.skipif(not datasets.DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_debian_package():
+    splits = datasets.fashion_mnist(root="", **{**CONTEXT, "image_size": 28})
+    assert (len(splits.train), len(splits.val), splits.num_classes, splits.in_chans) == (60_000, 10_000, 10, 1)
+    assert splits.class_names[0] == "T-shirt/top" and splits.class_names[-1] == "Ankle boot"
+    assert splits.train[0][0].shape == (1, 28, 28) and splits.mean == (0.2860,)
+
+
+def test_missing_fashion_mnist_names_where_it_looked(tmp_path):
+    with pytest.raises(KdkitError) as error:
+        datasets.fashion_mnist(root=str(tmp_path), **CONTEXT)
+    assert str(tmp_path / "FashionMNIST" / "raw") in str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in str(error.value)
+
+
+# --- imagefolder --------------------------------------------------------------------------------------
+
+def test_imagefolder(tmp_path):
+    make_tree(tmp_path, splits=("train", "val"), classes=("ant", "bee", "cow"), per_class=2, size=40)
+    splits = datasets.imagefolder(root=str(tmp_path), **CONTEXT)
+    assert (len(splits.train), len(splits.val), splits.num_classes) == (6, 6, 3)
+    assert splits.class_names == ["ant", "bee", "cow"] and splits.train.targets == [0, 0, 1, 1, 2, 2]
+    image, label = splits.val[4]
+    assert image.shape == (3, 32, 32) and label == 2
+
+
+def test_missing_imagefolder_names_where_it_looked(tmp_path):
+    with pytest.raises(KdkitError, match=re.escape(str(tmp_path / "val"))):
+        datasets.imagefolder(root=str(tmp_path), **CONTEXT)
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+def test_registered_with_a_schema():
+    plugins = default_plugins()
+    for name in ("fake", "cifar10", "cifar100", "fashion_mnist", "imagefolder"):
+        assert plugins.get("dataset", name) is getattr(datasets, name)
+    rows = {row["name"]: row for row in plugins.describe() if row["kind"] == "dataset"}
+    assert rows["cifar10"]["keys"] == [{"key": "download", "type": "bool", "default": False}]
+    assert all(rows[name]["doc"] for name in rows)
+    assert check_table(datasets.fake, {"train_size": 8}, kind="dataset", file=None, key="data") == {"train_size": 8}
+    with pytest.raises(RecipeError, match="did you mean: train_size"):
+        check_table(datasets.fake, {"train_sise": 8}, kind="dataset", file=None, key="data")

@@ -1,0 +1,121 @@
+"""The training loop's exactness: accumulation keeps every term, teachers see the student's batch,
+randomness depends on (seed, epoch, sample) only, and optimizer groups follow DeiT."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdkit.build import resolve
+from kdkit.data import Targets, build_loaders
+from kdkit.engine import Trainer, create_state
+from kdkit.plugins import default_plugins
+from kdkit.recipe import load_recipe
+from kdkit.runner import build_parts
+
+from conftest import TWO_TEACHER_RECIPE
+
+
+def make_trainer(recipe_path, overrides=(), init_seed=0):
+    exp = resolve(load_recipe(recipe_path, list(overrides)), default_plugins(), allow_random_teachers=True)
+    torch.manual_seed(init_seed)
+    parts = build_parts(exp, default_plugins(), torch.device("cpu"))
+    loaders = build_loaders(parts.train_set, parts.val_set, exp.data, batch_size=exp.train.batch_size,
+                            seed=exp.seed, repeats=exp.augment.repeated_aug)
+    state = create_state(parts.model, exp.train, len(loaders.train))
+    targets = Targets(exp.augment, parts.splits.num_classes, exp.seed)
+    return Trainer(state, parts.teachers, parts.terms, loaders, targets, exp.train, seed=exp.seed,
+                   device=torch.device("cpu"), mean=parts.splits.mean, std=parts.splits.std)
+
+
+def first_batch(trainer):
+    trainer.loaders.sampler.set_epoch(0)
+    return next(iter(trainer.loaders.train))
+
+
+def test_accumulation_keeps_every_loss_term(write_recipe):
+    """One update from 2 micro-batches equals one from the whole batch (no BatchNorm in this student)."""
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    whole, split = make_trainer(recipe), make_trainer(recipe, ["train.accum_steps=2"])
+    images, labels = first_batch(whole)
+    logged_whole = whole.train_step(images, labels, epoch=0)
+    logged_split = split.train_step(images, labels, epoch=0)
+    assert set(logged_split) == {"loss", "ce/cls", "kl/conv", "kl/inv"}
+    for key in logged_whole:
+        assert logged_split[key] == pytest.approx(logged_whole[key], rel=1e-5), key
+    assert logged_split["kl/conv"] > 0 and logged_split["kl/inv"] > 0
+    for (name, a), b in zip(whole.state.model.state_dict().items(), split.state.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_teachers_see_exactly_the_students_batch(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = args[0]
+        return hook
+
+    trainer.state.model.student.register_forward_hook(record("student"))
+    for name, teacher in trainer.teachers.items():
+        teacher.model.register_forward_hook(record(name))
+    images, labels = first_batch(trainer)
+    trainer.train_step(images, labels, epoch=0)
+    assert not torch.equal(seen["student"], images)  # mixup/cutmix changed the batch...
+    assert torch.equal(seen["conv"], seen["student"])  # ...and both teachers got the mixed one
+    assert torch.equal(seen["other"], seen["student"])
+
+
+def test_augmentation_does_not_depend_on_loader_workers(write_recipe):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    augment = ['augment.rand_augment="rand-m9-mstd0.5-inc1"', "augment.random_erasing=0.25", "augment.repeated_aug=2"]
+    batches = []
+    for workers in (0, 2):
+        trainer = make_trainer(recipe, [f"data.workers={workers}", *augment])
+        trainer.loaders.sampler.set_epoch(1)
+        batches.append(next(iter(trainer.loaders.train)))
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+    # repeated augmentation: consecutive copies of one image, augmented differently
+    assert torch.equal(batches[0][1][0], batches[0][1][1]) and not torch.equal(batches[0][0][0], batches[0][0][1])
+
+
+def test_two_trainings_with_one_seed_are_identical(write_recipe):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    results = []
+    for _ in range(2):
+        trainer = make_trainer(recipe)
+        row = trainer.train_epoch(0)
+        results.append((row["train"], trainer.state.model.state_dict()))
+    assert results[0][0] == results[1][0]
+    for key, value in results[0][1].items():
+        assert torch.equal(value, results[1][1][key]), key
+    other = make_trainer(recipe, ["seed=1"]).train_epoch(0)
+    assert other["train"] != results[0][0]
+
+
+def test_no_weight_decay_on_norms_biases_positions_and_tokens(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    names = {id(p): n for n, p in trainer.state.model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in trainer.state.optimizer.param_groups}
+    no_decay = groups[0.0]
+    assert "student.model.pos_embed" in no_decay and "student.model.cls_token" in no_decay
+    assert all(n in no_decay for n in names.values() if n.endswith(".bias") or ".norm" in n)
+    assert "heads.cls.weight" in groups[0.05]
+
+
+def test_warmup_then_cosine_per_step(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=4", "train.warmup_epochs=1",
+                                                               "train.warmup_lr=1e-6", "train.min_lr=1e-5"])
+    steps = len(trainer.loaders.train)
+    lrs = []
+    for step in range(4 * steps + 1):
+        trainer.state.scheduler.step_update(step)
+        lrs.append(trainer.state.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[1] > lrs[0]  # warmup moves every step, not every epoch
+    # after warmup, timm's cosine as DeiT uses it (no warmup prefix): the cosine curve at t = 1/4
+    assert lrs[steps] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)))
+    assert max(lrs) == lrs[steps]
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
