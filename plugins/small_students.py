@@ -1,0 +1,34 @@
+"""The paper's other small students (Table 3): MLP-Mixer Ti (``mixer``) and ResNet-10 (``resnet10``).
+
+Both are timm models without a classifier, returning their pooled embedding as ``pool``.
+"""
+from __future__ import annotations
+
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+import kdkit
+from kdkit_plugins.timm_models import PooledStudent
+
+
+def mixer(*, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, depth: int = 12,
+          embed_dim: int = 192, drop_path_rate: float = 0.0) -> nn.Module:
+    """MLP-Mixer (Ti by default: 12 blocks of width 192 on 16 px patches) returning its pooled embedding."""
+    return PooledStudent(MlpMixer(num_classes=0, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                  num_blocks=depth, embed_dim=embed_dim, drop_path_rate=drop_path_rate))
+
+
+def resnet10(*, small_input: bool = False, in_chans: int = 3, drop_path_rate: float = 0.0) -> nn.Module:
+    """ResNet with one basic block per stage; small_input: 3x3 stride-1 stem, no max-pool (32 px images)."""
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate)
+    if small_input:  # the CIFAR ResNet stem: a 7x7/2 conv and a max-pool would leave 1x1 maps at 32 px
+        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return PooledStudent(model)
+
+
+@kdkit.hookimpl
+def kdkit_register_students(registry):
+    registry.register_module("mixer", module=mixer)
+    registry.register_module("resnet10", module=resnet10)
