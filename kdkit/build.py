@@ -44,6 +44,7 @@ class TeacherSpec:
     checkpoint: str = ""
     pretrained: bool = False
     precision: str = "auto"
+    recipe: Recipe | None = None  # the recipe that trains this teacher, when it is not trained yet
 
 
 @dataclass
@@ -196,6 +197,8 @@ def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
     precision = _typed(recipe, f"{key}.precision", table.get("precision"), C.Precision, "auto")
     from kdkit.export import is_export  # a kdkit export rebuilds its own model
 
+    if "recipe" in table:
+        return _teacher_from_recipe(recipe, plugins, name, table, precision)
     if checkpoint and not Path(checkpoint).exists():
         raise recipe.error(f"{key}.checkpoint", f"no such file or directory: {checkpoint}")
     if checkpoint and is_export(checkpoint):
@@ -213,6 +216,23 @@ def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
         raise recipe.error(key, "the teacher has no weights: set checkpoint or pretrained "
                            "(kdkit run --allow-random-teachers allows random teachers, for smoke tests)")
     return TeacherSpec(name, spec, checkpoint, pretrained, precision)
+
+
+def _teacher_from_recipe(recipe, plugins, name, table, precision) -> TeacherSpec:
+    """A teacher trained by its own recipe (``kdkit run`` trains it first if it is not cached)."""
+    from kdkit.recipe import load_recipe
+
+    key = f"teachers.{name}"
+    path = _typed(recipe, f"{key}.recipe", table.get("recipe"), str, "")
+    extra = table.keys() - {"recipe", "precision"}
+    if extra:
+        raise recipe.error(f"{key}.{sorted(extra)[0]}", "a teacher given by 'recipe' takes only 'precision' "
+                           "besides it: its model and weights come from the recipe's run")
+    if not Path(path).is_file():
+        raise recipe.error(f"{key}.recipe", f"no such recipe file: {path}")
+    teacher_recipe = load_recipe(path)
+    resolve(teacher_recipe, plugins)  # a broken teacher recipe is reported now, before anything trains
+    return TeacherSpec(name, None, "", False, precision, recipe=teacher_recipe)
 
 
 def _head(recipe, plugins, name, table) -> HeadSpec:

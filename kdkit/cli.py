@@ -35,12 +35,15 @@ def run(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing non-empty run directory."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers",
                                                help="Allow teachers without weights (smoke tests only)."),
+    no_train_teachers: bool = typer.Option(False, "--no-train-teachers",
+                                           help="Fail instead of training a teacher given by a recipe."),
 ):
     """Train the teachers' student described by RECIPE and write its run directory."""
     from kdkit.runner import run as run_recipe
 
     try:
-        path = run_recipe(recipe, override, out, force=force, allow_random_teachers=allow_random_teachers)
+        path = run_recipe(recipe, override, out, force=force, allow_random_teachers=allow_random_teachers,
+                          train_teachers=not no_train_teachers)
     except KdkitError as exc:
         raise fail(exc, 2) from None
     except KeyboardInterrupt:

@@ -6,10 +6,19 @@ own keys in ``data``) take a few core keys listed here and pass the rest to the 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
 Precision = Literal["auto", "fp32", "bf16"]
+
+
+def cache_root() -> Path:
+    """``$KDKIT_CACHE`` if set, else a per-user cache folder (decoded data, trained teachers)."""
+    if os.environ.get("KDKIT_CACHE"):
+        return Path(os.environ["KDKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kdkit"
 
 
 def default_data_root() -> str:
@@ -81,7 +90,7 @@ class EvalConfig:
 
 # Core keys of the plugin tables (the rest of each table goes to the plugin factory).
 STUDENT_KEYS = {"plugin"}
-TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision"}
+TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe"}
 HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
 TOP_LEVEL_KEYS = {"name", "seed", "extends", "data", "student", "teachers", "heads", "losses",

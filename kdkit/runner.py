@@ -13,7 +13,7 @@ from rich.table import Table
 from kdkit import export
 from kdkit.build import Experiment, check_heads, default_device, resolve
 from kdkit.checkpoint import load_weights, save_checkpoint
-from kdkit.config import default_data_root
+from kdkit.config import cache_root, default_data_root
 from kdkit.data import DatasetSplits, Targets, build_loaders, split_datasets
 from kdkit.engine import LossTerm, Trainer, create_state
 from kdkit.errors import KdkitError
@@ -114,15 +114,37 @@ def count_flops(model: DistillModel, in_chans: int, image_size: int) -> int | No
         return None
 
 
+def teacher_run_dir(recipe) -> Path:
+    """Where the teacher trained by ``recipe`` is cached: keyed by the resolved teacher recipe."""
+    return cache_root() / "teachers" / f"{recipe.table['name']}-{recipe.hash()}"
+
+
+def ensure_teachers(exp: Experiment, *, train_teachers: bool, console: Console) -> None:
+    """Train every teacher given by a recipe that is not cached yet, then point it at its run."""
+    for name, spec in exp.teachers.items():
+        if spec.recipe is None:
+            continue
+        out = teacher_run_dir(spec.recipe)
+        done = (out / "summary.json").is_file() and RunDir(out).read_summary().get("status") == "completed"
+        if not done:
+            if not train_teachers:
+                raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing); "
+                                       "run without --no-train-teachers to train it")
+            console.print(f"[bold]training teacher {name!r}[/] from {spec.recipe.path} into {out}")
+            run(spec.recipe.path, out=out, force=True, console=console)
+        spec.checkpoint = str(out)
+
+
 def run(recipe_path, overrides=(), out=None, *, force: bool = False, allow_random_teachers: bool = False,
-        console: Console | None = None) -> Path:
-    """Validate, build and train one recipe; returns the run directory."""
+        train_teachers: bool = True, console: Console | None = None) -> Path:
+    """Validate, build and train one recipe (training missing teachers first); returns the run directory."""
     console = console or Console()
     plugins = default_plugins()
     recipe = load_recipe(recipe_path, list(overrides))
     exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
     rundir = RunDir(out or Path("runs") / exp.name / f"seed{exp.seed}")
     rundir.check_writable(force)
+    ensure_teachers(exp, train_teachers=train_teachers, console=console)
     device = default_device()
     torch.manual_seed(exp.seed)  # model initialisation
     parts = build_parts(exp, plugins, device)

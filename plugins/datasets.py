@@ -24,7 +24,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import kdkit
-from kdkit.config import AugmentConfig, default_data_root
+from kdkit.config import AugmentConfig, cache_root, default_data_root
 from kdkit.data import DatasetSplits, build_transforms
 from kdkit.errors import KdkitError
 
@@ -265,11 +265,7 @@ def _find_image_tree(root: Path) -> Path | None:
 
 
 def _cache_dir() -> Path:
-    """``$KDKIT_CACHE`` if set, else ``~/.cache/kdkit/decoded`` (under ``$XDG_CACHE_HOME`` when set)."""
-    if os.environ.get("KDKIT_CACHE"):
-        return Path(os.environ["KDKIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kdkit" / "decoded"
+    return cache_root() / "decoded"
 
 
 def _decoded(source: Path) -> dict:

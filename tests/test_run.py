@@ -125,3 +125,63 @@ def test_predict_prints_top_classes(finished_run, cli, tmp_path):
     assert result.output.startswith(f"{image}: ") and result.output.count("%") == 2
     bad = cli("predict", out, tmp_path / "missing.png")
     assert bad.exit_code == 2 and "cannot read the image" in bad.output
+
+
+@pytest.mark.parametrize("error, status, code", [(KeyboardInterrupt, "interrupted", 1), (RuntimeError, "failed", 1)])
+def test_a_broken_run_records_its_status(error, status, code, write_recipe, cli, tmp_path, monkeypatch):
+    from kdkit.engine import Trainer
+
+    def broken_step(self, images, labels, epoch):
+        raise error("stop")
+
+    monkeypatch.setattr(Trainer, "train_step", broken_step)
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers")
+    assert result.exit_code == code
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == status and summary["epochs"] == 0
+    assert set(summary["teacher_top1"]) == {"conv", "other"}
+
+
+def test_teachers_given_by_recipes_are_trained_once_and_cached(write_recipe, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    data = """
+        [data]
+        dataset = "fake"
+        image_size = 32
+        num_classes = 4
+        train_size = 32
+        val_size = 16
+        workers = 0
+        [train]
+        epochs = 1
+        batch_size = 16
+        """
+    write_recipe(data + '[student]\nplugin = "timm"\nmodel = "test_resnet"\n'
+                 '[[losses]]\nplugin = "ce"\nhead = "pool"\n[eval]\nheads = ["pool"]\n', "teacher.toml")
+    student = write_recipe(data + '[student]\nplugin = "timm"\nmodel = "test_vit"\nmodel_kwargs = { img_size = 32 }\n'
+                           '[teachers.conv]\nrecipe = "teacher.toml"\n'
+                           '[[losses]]\nplugin = "kl"\nhead = "pool"\nteachers = ["conv"]\n'
+                           '[eval]\nheads = ["pool"]\n', "student.toml")
+    missing = cli("run", student, "--out", tmp_path / "refused", "--no-train-teachers")
+    assert missing.exit_code == 2 and "teachers.conv.recipe: teacher not trained yet" in missing.output
+    first = cli("run", student, "--out", tmp_path / "first")
+    assert first.exit_code == 0, first.output
+    assert "training teacher 'conv'" in first.output
+    cached = list((tmp_path / "cache" / "teachers").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("teacher-")
+    second = cli("run", student, "--out", tmp_path / "second", "--no-train-teachers")
+    assert second.exit_code == 0, second.output
+    assert "training teacher" not in second.output
+    teacher_top1 = [json.loads((tmp_path / d / "summary.json").read_text())["teacher_top1"]["conv"]
+                    for d in ("first", "second")]
+    assert teacher_top1[0] == teacher_top1[1]
+
+
+def test_a_broken_teacher_recipe_is_reported_before_anything_trains(write_recipe, cli, tmp_path):
+    write_recipe('[student]\nplugin = "timm"\n[[losses]]\nplugin = "ce"\nhead = "pool"\n', "teacher.toml")
+    student = write_recipe(TWO_TEACHER_RECIPE.replace('[teachers.conv]\nplugin = "timm"\nmodel = "test_resnet"',
+                                                      '[teachers.conv]\nrecipe = "teacher.toml"'))
+    result = cli("run", student, "--out", tmp_path / "out", "--allow-random-teachers")
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'teacher.toml'}: student.model: missing required key" in result.output
