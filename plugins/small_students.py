@@ -9,7 +9,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 import kdkit
-from kdkit_plugins.timm_models import PooledStudent
+from kdkit_plugins.timm_models import PooledStudent, use_small_input_stem
 
 
 def mixer(*, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, depth: int = 12,
@@ -22,10 +22,7 @@ def mixer(*, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, depth
 def resnet10(*, small_input: bool = False, in_chans: int = 3, drop_path_rate: float = 0.0) -> nn.Module:
     """ResNet with one basic block per stage; small_input: 3x3 stride-1 stem, no max-pool (32 px images)."""
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate)
-    if small_input:  # the CIFAR ResNet stem: a 7x7/2 conv and a max-pool would leave 1x1 maps at 32 px
-        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    return PooledStudent(model)
+    return PooledStudent(use_small_input_stem(model, "resnet10") if small_input else model)
 
 
 @kdkit.hookimpl

@@ -30,8 +30,9 @@ CONTEXT = dict(image_size=32, augment=AugmentConfig(), num_classes=0)
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
+    """The folder decoded datasets are cached in, under a temporary KDKIT_CACHE."""
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return tmp_path / "cache" / "decoded"
 
 
 def make_tree(root: Path, splits=("train", "test"), classes=("cat", "dog"), per_class=4, size=8) -> dict:

@@ -14,7 +14,7 @@ def make_distribution(root, name: str, modules: dict[str, str], entry_points: di
     """An installed-looking distribution: its modules and a dist-info with entry_points.txt."""
     for module, source in modules.items():
         (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{name}-1.0.dist-info"
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"  # the wheel convention: no dash in the name
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
