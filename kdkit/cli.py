@@ -1,6 +1,7 @@
 """The ``kdkit`` command line (typer). Bad input exits with 2, other failures with 1."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
@@ -27,31 +28,61 @@ def fail(exc: BaseException, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextlib.contextmanager
+def reported(interrupted: str = "interrupted"):
+    """Exit 2 with one line for bad input, 1 with the traceback for anything else."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KdkitError as exc:
+        raise fail(exc, 2) from None
+    except KeyboardInterrupt:
+        raise fail(KeyboardInterrupt(interrupted), 1) from None
+    except Exception as exc:
+        err.print_exception()
+        raise fail(exc, 1) from None
+
+
+def wide_console() -> Console:
+    """Wide tables stay readable when stdout is narrow or not a terminal."""
+    return Console(width=max(Console().width, 160))
+
+
+def output_path(path: Path) -> Path:
+    """An output file's path, its folder created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+ALLOW_RANDOM_HELP = "Allow teachers without weights (smoke tests only)."
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="The recipe TOML file."),
     override: List[str] = typer.Option([], "-o", "--override", help="key.path=value (a TOML literal); repeatable."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>/seed<seed>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>/seed<seed>; "
+                                       "with --seeds, OUT/seed<seed>)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: one run each, "
+                                        "the recipe's seed overridden."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing non-empty run directory."),
-    allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers",
-                                               help="Allow teachers without weights (smoke tests only)."),
+    allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
     no_train_teachers: bool = typer.Option(False, "--no-train-teachers",
                                            help="Fail instead of training a teacher given by a recipe."),
 ):
-    """Train the teachers' student described by RECIPE and write its run directory."""
+    """Train the teachers' student described by RECIPE and write its run directory (one per seed with --seeds)."""
+    from kdkit.compare import parse_seeds, run_seeds
     from kdkit.runner import run as run_recipe
 
-    try:
-        path = run_recipe(recipe, override, out, force=force, allow_random_teachers=allow_random_teachers,
-                          train_teachers=not no_train_teachers)
-    except KdkitError as exc:
-        raise fail(exc, 2) from None
-    except KeyboardInterrupt:
-        raise fail(KeyboardInterrupt("interrupted; the run directory records status 'interrupted'"), 1) from None
-    except Exception as exc:
-        err.print_exception()
-        raise fail(exc, 1) from None
-    typer.echo(str(path))
+    options = dict(force=force, allow_random_teachers=allow_random_teachers, train_teachers=not no_train_teachers)
+    with reported("interrupted; the run directory records status 'interrupted'"):
+        if seeds is None:
+            paths = [run_recipe(recipe, override, out, **options)]
+        else:
+            paths = run_seeds(recipe, parse_seeds(seeds), override, out, **options)
+    for path in paths:
+        typer.echo(str(path))
 
 
 @app.command()
@@ -70,7 +101,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     for row in rows:
         keys = ", ".join(k["key"] + ("" if "default" in k else "*") for k in row["keys"])
         table.add_row(row["kind"], row["name"], keys, row["distribution"], row["doc"])
-    Console(width=max(Console().width, 160)).print(table)
+    wide_console().print(table)
     typer.echo("* required")
 
 
@@ -89,6 +120,74 @@ def predict(
         raise fail(exc, 2) from None
     for path, classes in results:
         typer.echo(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in classes))
+
+
+@app.command()
+def compare(
+    targets: List[Path] = typer.Argument(..., help="Run directories and/or recipe TOML files."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="For recipe arguments: the seeds to compare, "
+                                        "e.g. 0,1,2 (default: the recipe's seed); missing runs are trained."),
+    override: List[str] = typer.Option([], "-o", "--override", help="key.path=value for recipe arguments, as "
+                                       "given to kdkit run; repeatable."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where recipe arguments' runs live: RUNS/<name>/seed<seed>."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="A recipe name: print every other recipe's "
+                                           "eval top-1 minus this one's, paired by seed."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (numbers)."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also write a bar chart PNG of eval top-1."),
+    allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
+):
+    """Compare recipes over seeds: one row per recipe with mean ± std; trains what a recipe argument lacks."""
+    from kdkit import compare as C
+
+    with reported("interrupted; a run being trained records status 'interrupted'"):
+        found = C.collect_runs(targets, C.parse_seeds(seeds) if seeds else None, override, runs,
+                               allow_random_teachers=allow_random_teachers, console=err)
+        rows = C.summarize(found)
+        differences = C.paired_differences(rows, baseline) if baseline else []
+        if markdown:
+            output_path(markdown).write_text(C.to_markdown(rows, differences))
+        if csv_file:
+            output_path(csv_file).write_text(C.to_csv(rows))
+        if plot_file:
+            C.plot(rows, output_path(plot_file))
+    console = wide_console()
+    console.print(_table(C.HEADERS, [C.cells(row) for row in rows], "eval top-1: last epoch, mean ± std over seeds"))
+    for note in C.footnotes(rows):
+        console.print(note, highlight=False)
+    if differences:
+        console.print(_table(C.DIFFERENCE_HEADERS, [C.difference_cells(d) for d in differences],
+                             f"paired differences against {baseline}"))
+
+
+def _table(headers: list[str], body: list[list[str]], title: str) -> Table:
+    table = Table(*headers, title=title)
+    for row in body:
+        table.add_row(*row)
+    return table
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    figure: Optional[Path] = typer.Option(None, "--figure", help="Write a PNG of teachers' and heads' class "
+                                          "probabilities on validation images."),
+    images: int = typer.Option(4, "--images", min=1, help="How many validation images the figure shows."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON."),
+    allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers",
+                                               help="Evaluate against the run's random teachers (smoke tests)."),
+):
+    """Per-head top-1 and KL(teacher || head) between every head and teacher, on the run's validation set."""
+    from kdkit import evaluate as E
+
+    with reported():
+        rebuilt = E.rebuild(run_dir, allow_random_teachers=allow_random_teachers, console=err)
+        result = E.evaluate(rebuilt)
+        if json_file:
+            output_path(json_file).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        if figure:
+            E.figure(rebuilt, output_path(figure), images)
+    wide_console().print(E.table(result))
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ else:  # pragma: no cover
 from kdkit.errors import RecipeError
 
 # Keys whose string values are file paths, resolved against the recipe that wrote them.
-PATH_KEYS = {("data", "root"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe")}
+PATH_KEYS = {("data", "root"), ("data", "classes"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe")}
 
 
 @dataclass

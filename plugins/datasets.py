@@ -144,8 +144,42 @@ def fashion_mnist(*, root: str, image_size: int, augment: AugmentConfig, num_cla
                              image_size=image_size, augment=augment, num_classes=num_classes)
 
 
-def imagefolder(*, root: str, image_size: int, augment: AugmentConfig, num_classes: int) -> DatasetSplits:
-    """Any root/train/<class>/ + root/val/<class>/ tree (e.g. ImageNet-100), decoded per item."""
+class SelectedImageFolder(tv_datasets.ImageFolder):
+    """ImageFolder restricted to the class folders ``keep`` names (all of them must exist)."""
+
+    def __init__(self, root: str, transform, keep: list[str] | None):
+        self.keep = keep
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        classes, _ = super().find_classes(directory)
+        if self.keep is None:
+            return classes, {c: i for i, c in enumerate(classes)}
+        missing = sorted(set(self.keep) - set(classes))
+        if missing:
+            raise FileNotFoundError(f"{directory} lacks {len(missing)} of the listed class folders: "
+                                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        chosen = sorted(self.keep)
+        return chosen, {c: i for i, c in enumerate(chosen)}
+
+
+def _class_list(path: str) -> list[str] | None:
+    if not path:
+        return None
+    try:
+        names = [line.split("#")[0].strip() for line in Path(path).read_text().splitlines()]
+    except OSError as exc:
+        raise KdkitError(f"imagefolder: cannot read the class list {path}: {exc}") from None
+    return [name for name in names if name]
+
+
+def imagefolder(*, root: str, image_size: int, augment: AugmentConfig, num_classes: int,
+                classes: str = "") -> DatasetSplits:
+    """Any root/train/<class>/ + root/val/<class>/ tree (e.g. ImageNet-100), decoded per item.
+
+    ``classes`` names a text file of class folders to keep (one per line), so ImageNet-100 can be
+    read straight from a full ImageNet tree.
+    """
     root_path = Path(root or default_data_root()).expanduser()
     folders = [root_path / "train", root_path / "val"]
     missing = [str(f) for f in folders if not f.is_dir()]
@@ -154,9 +188,10 @@ def imagefolder(*, root: str, image_size: int, augment: AugmentConfig, num_class
                          f"holding train/<class>/<image> and val/<class>/<image>")
     train_tf, eval_tf = _transforms(image_size, augment, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                     crop_pct=0.875)
+    keep = _class_list(classes)
     try:
-        train = tv_datasets.ImageFolder(str(folders[0]), transform=train_tf)
-        val = tv_datasets.ImageFolder(str(folders[1]), transform=eval_tf)
+        train = SelectedImageFolder(str(folders[0]), train_tf, keep)
+        val = SelectedImageFolder(str(folders[1]), eval_tf, keep)
     except FileNotFoundError as exc:  # ImageFolder's words for a folder without class folders or images
         raise KdkitError(f"imagefolder: {exc}") from exc
     if val.classes != train.classes:  # labels are class indices: they would silently disagree

@@ -227,6 +227,16 @@ def test_imagefolder(tmp_path):
     assert image.shape == (3, 32, 32) and label == 2
 
 
+def test_imagefolder_class_list(tmp_path):
+    make_tree(tmp_path, splits=("train", "val"), classes=("ant", "bee", "cow"), per_class=2, size=40)
+    (tmp_path / "keep.txt").write_text("# two of three\ncow\nant\n")
+    splits = datasets.imagefolder(root=str(tmp_path), classes=str(tmp_path / "keep.txt"), **CONTEXT)
+    assert splits.class_names == ["ant", "cow"] and splits.train.targets == [0, 0, 1, 1]
+    (tmp_path / "bad.txt").write_text("ant\nyak\n")
+    with pytest.raises(KdkitError, match="lacks 1 of the listed class folders: yak"):
+        datasets.imagefolder(root=str(tmp_path), classes=str(tmp_path / "bad.txt"), **CONTEXT)
+
+
 def test_missing_imagefolder_names_where_it_looked(tmp_path):
     with pytest.raises(KdkitError, match=re.escape(str(tmp_path / "val"))):
         datasets.imagefolder(root=str(tmp_path), **CONTEXT)

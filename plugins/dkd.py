@@ -1,0 +1,75 @@
+"""Decoupled Knowledge Distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+
+With ``p = softmax(z / tau)`` and ``t`` the target class (``labels``), classical KD splits into
+
+- TCKD, the KL divergence between the binary distributions ``b = (p_t, 1 - p_t)`` of teacher and
+  student (target class vs. all the others), and
+- NCKD, the KL divergence between the distributions over the non-target classes alone,
+  ``p_hat_i = p_i / (1 - p_t)`` for ``i != t``,
+
+so that ``KL(p_teacher || p_student) = TCKD + (1 - p_teacher_t) * NCKD`` per sample (the paper's
+Eq. (3)). DKD drops the ``(1 - p_teacher_t)`` coupling and weighs the two terms freely:
+
+    loss = tau^2 * (alpha * TCKD + beta * NCKD), each averaged over the batch
+
+(tau^2 as in the paper's code, mdistiller's ``dkd_loss``).
+
+Notes for kdkit:
+
+- The target class is ``labels``, the hard labels *before* mixup/cutmix: on a mixed image DKD treats
+  the first image's class as the target (the soft ``target`` is not used).
+- mdistiller ramps the DKD loss in linearly over its first ``warmup`` epochs (20 on CIFAR). kdkit's
+  loss API has no epoch, so there is no warmup here; use the recipe's lr warmup, or a smaller
+  ``weight``, instead.
+- Several teachers on one head are combined as ``kl`` does (``ensemble``): the mean of their
+  probabilities (default) or the softmax of their mean logits, both at temperature ``tau``; TCKD and
+  NCKD are then taken from that combined distribution.
+- The non-target distribution is computed by dropping the target column (no large-negative mask),
+  and ``log(1 - p_t)`` as a log-sum-exp over the other classes, so nothing underflows to ``log 0``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import kdkit
+from kdkit.errors import KdkitError
+from kdkit_plugins.losses import teacher_log_probs
+
+
+def split_target(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From log-probabilities ``(B, C)``: the binary log-probabilities ``(B, 2)`` of (target, others)
+    and the log-probabilities ``(B, C - 1)`` of the non-target classes renormalized among themselves."""
+    batch, classes = log_probs.shape
+    is_target = F.one_hot(labels, classes).bool()
+    log_p_target = log_probs[is_target].view(batch, 1)
+    others = log_probs[~is_target].view(batch, classes - 1)  # row-major order: each row's other classes
+    log_p_others = torch.logsumexp(others, dim=-1, keepdim=True)  # log(1 - p_t), without the subtraction
+    return torch.cat([log_p_target, log_p_others], dim=-1), others - log_p_others
+
+
+def dkd(*, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0,
+        ensemble: Literal["mean_prob", "mean_logit"] = "mean_prob"):
+    """Decoupled KD (Zhao et al. 2022): tau^2 * (alpha * TCKD + beta * NCKD), target class from `labels`."""
+
+    def loss(logits, *, target, labels, teacher_logits):
+        if labels is None or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+            raise KdkitError("dkd needs the hard labels, one class index per sample")
+        if logits.shape[-1] < 2:
+            raise KdkitError("dkd needs at least two classes")
+        labels = labels.long()
+        binary_t, others_t = split_target(teacher_log_probs(teacher_logits, tau, ensemble), labels)
+        binary_s, others_s = split_target(F.log_softmax(logits.float() / tau, dim=-1), labels)
+        tckd = F.kl_div(binary_s, binary_t, reduction="sum", log_target=True)
+        nckd = F.kl_div(others_s, others_t, reduction="sum", log_target=True)
+        return (alpha * tckd + beta * nckd) * tau**2 / logits.shape[0]
+
+    loss.requires_teachers = True
+    return loss
+
+
+@kdkit.hookimpl
+def kdkit_register_losses(registry):
+    registry.register_module("dkd", module=dkd)

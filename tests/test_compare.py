@@ -1,0 +1,190 @@
+"""``kdkit run --seeds`` and ``kdkit compare``: sibling seed runs, the table and its files, training
+only what a recipe lacks, stale-run flags and paired differences."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import kdkit.runner
+from kdkit.cli import app
+from kdkit.compare import MARK, Run, paired_differences, seeded_recipe, summarize, to_markdown
+
+from conftest import TWO_TEACHER_RECIPE
+
+OVERRIDES = ["train.epochs=1", "data.train_size=32"]  # two steps per run: seconds on a CPU
+FAST = [arg for o in OVERRIDES for arg in ("-o", o)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def two_teacher_recipe(root: Path) -> Path:
+    """conftest's two-teacher recipe as ``root/two.toml`` (its name, ``two``, names the runs)."""
+    recipe = root / "two.toml"
+    recipe.write_text(TWO_TEACHER_RECIPE)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory):
+    """``kdkit run --seeds 0,1`` once, shared: the recipe, its two run directories and the CLI output."""
+    root = tmp_path_factory.mktemp("seeds")
+    recipe = two_teacher_recipe(root)
+    result = CliRunner().invoke(app, ["run", "--seeds", "0,1", str(recipe), "--out", str(root / "two"), *FAST,
+                                      "--allow-random-teachers"])
+    assert result.exit_code == 0, result.output
+    return recipe, [root / "two" / "seed0", root / "two" / "seed1"], result.output
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_seeds_make_sibling_run_directories(seed_runs):
+    recipe, dirs, output = seed_runs
+    assert output.strip().splitlines()[-2:] == [str(d) for d in dirs]
+    for seed, run_dir in enumerate(dirs):
+        s = summary(run_dir)
+        assert s["status"] == "completed" and s["seed"] == seed and s["name"] == "two"
+        assert s["recipe_hash"] == seeded_recipe(recipe, OVERRIDES, seed).hash()
+        assert f"seed = {seed}" in (run_dir / "recipe.toml").read_text()
+
+
+def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
+    _, dirs, _ = seed_runs
+    files = {"csv": tmp_path / "t.csv", "markdown": tmp_path / "md" / "t.md", "plot": tmp_path / "t.png"}
+    result = cli("compare", *dirs, *(arg for kind, path in files.items() for arg in (f"--{kind}", path)))
+    assert result.exit_code == 0, result.output
+    summaries = [summary(d) for d in dirs]
+    evals = [s["top1"]["eval"] for s in summaries]
+    cell = f"{statistics.fmean(evals):.2f} ± {statistics.stdev(evals):.2f}"
+    assert cell in result.output and MARK not in result.output
+
+    [row] = list(csv.DictReader(files["csv"].open()))
+    assert row["recipe"] == "two" and row["seeds"] == "0 1" and row["flags"] == ""
+    assert float(row["eval_top1_mean"]) == pytest.approx(statistics.fmean(evals))
+    assert float(row["eval_top1_std"]) == pytest.approx(statistics.stdev(evals))
+    for column, values in {"best_top1_mean": [s["best_top1"] for s in summaries],
+                           "top1_conv": [s["top1"]["conv"] for s in summaries],
+                           "teacher_other_top1": [s["teacher_top1"]["other"] for s in summaries],
+                           "params": [s["params"] for s in summaries],
+                           "train_images_per_s": [s["train_images_per_s"] for s in summaries]}.items():
+        assert float(row[column]) == pytest.approx(statistics.fmean(values)), column
+
+    markdown = files["markdown"].read_text().splitlines()
+    assert markdown[0].startswith("| recipe | student | teachers (top-1) | eval top-1 |")
+    assert markdown[2].startswith("| two | timm: model=test_vit |") and cell in markdown[2]
+    png = files["plot"].read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+
+
+def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monkeypatch):
+    recipe, dirs, _ = seed_runs
+    runs = tmp_path / "runs"
+    shutil.copytree(dirs[0], runs / "two" / "seed0")  # seed 0 of the same recipe exists; seed 1 does not
+    seed0 = runs / "two" / "seed0" / "summary.json"
+    before = seed0.stat().st_mtime_ns
+    trained = []
+    real_run = kdkit.runner.run
+
+    def counting_run(recipe_path, overrides, out, **options):
+        trained.append(Path(out).name)
+        return real_run(recipe_path, overrides, out, **options)
+
+    monkeypatch.setattr(kdkit.runner, "run", counting_run)
+    args = ("compare", recipe, "--seeds", "0,1", "--runs", runs, *FAST, "--allow-random-teachers")
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    assert trained == ["seed1"] and seed0.stat().st_mtime_ns == before
+    assert summary(runs / "two" / "seed1")["status"] == "completed"
+    assert MARK not in first.output  # both runs carry the hash of the recipe as it is now
+
+    def fake_run(recipe_path, overrides, out, *, force, **options):  # stands in for a retrain
+        trained.append((Path(out).name, force))
+        shutil.copytree(dirs[0], out, dirs_exist_ok=True)
+        return out
+
+    monkeypatch.setattr(kdkit.runner, "run", fake_run)
+    assert cli(*args).exit_code == 0 and trained == ["seed1"]  # everything complete: nothing trains
+    interrupted = {**summary(runs / "two" / "seed0"), "status": "interrupted"}
+    seed0.write_text(json.dumps(interrupted))
+    third = cli(*args)
+    assert third.exit_code == 0, third.output
+    assert trained == ["seed1", ("seed0", True)]  # only the incomplete run, overwritten
+
+
+def test_stale_runs_are_flagged(seed_runs, cli, tmp_path):
+    _, dirs, _ = seed_runs
+    stale = tmp_path / "stale"
+    shutil.copytree(dirs[0], stale)
+    edited = {**summary(stale), "recipe_hash": "0" * 16, "kdkit_version": "0.0.1"}
+    (stale / "summary.json").write_text(json.dumps(edited))
+    result = cli("compare", stale, "--csv", tmp_path / "t.csv", "--markdown", tmp_path / "t.md")
+    assert result.exit_code == 0, result.output
+    assert f"two {MARK}" in result.output and "recipe hash 0000000000000000" in result.output
+    assert "made by kdkit 0.0.1" in result.output
+    [row] = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert "recipe hash 0000000000000000" in row["flags"] and "kdkit 0.0.1" in row["flags"]
+    assert f"{MARK} two seed 0" in (tmp_path / "t.md").read_text()
+
+
+def test_bad_input_exits_2(seed_runs, cli, tmp_path):
+    recipe, dirs, _ = seed_runs
+    (tmp_path / "empty").mkdir()
+    keep = tmp_path / "runs" / "two" / "seed0" / "keep.txt"  # not a run: compare must not overwrite it
+    keep.parent.mkdir(parents=True)
+    keep.write_text("x")
+    (tmp_path / "notes.txt").write_text("x")
+    shutil.copytree(dirs[0], tmp_path / "broken")
+    (tmp_path / "broken" / "summary.json").write_text(json.dumps({**summary(dirs[0]), "status": "failed"}))
+    cases = {
+        (tmp_path / "missing",): "no such run directory or recipe file",
+        (tmp_path / "empty",): "not a run directory",
+        (tmp_path / "notes.txt",): "neither a run directory nor a recipe",
+        (tmp_path / "broken",): "the run is failed, not completed",
+        (*dirs, "--seeds", "0,x"): "expected comma-separated integers",
+        (*dirs, "--baseline", "tw"): "no such recipe in the comparison (did you mean: two?)",
+        (recipe, "--runs", tmp_path / "runs", "--allow-random-teachers"): "exists and is not empty",
+    }
+    for args, message in cases.items():
+        result = cli("compare", *args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert keep.read_text() == "x"
+
+
+def fabricated(name: str, seed: int, eval_top1: float) -> Run:
+    s = {"name": name, "seed": seed, "status": "completed", "top1": {"cls": eval_top1 - 1, "eval": eval_top1},
+         "best_top1": eval_top1 + 1, "teacher_top1": {"conv": 50.0}, "params": 1000, "flops": None,
+         "train_images_per_s": 10.0, "infer_images_per_s": 100.0, "wall_s": 5.0}
+    return Run(Path(f"runs/{name}/seed{seed}"), s, "vit: depth=4", [])
+
+
+def test_rows_and_paired_differences_by_hand():
+    runs = [fabricated("base", 0, 70.0), fabricated("base", 1, 72.0), fabricated("base", 2, 74.0),
+            fabricated("new", 1, 75.0), fabricated("new", 0, 71.0), fabricated("new", 3, 80.0),
+            fabricated("other", 9, 60.0)]
+    base, new, other = summarize(runs)
+    assert base.seeds == [0, 1, 2] and base.eval_top1.mean == 72.0 and base.eval_top1.std == pytest.approx(2.0)
+    assert base.heads["cls"].mean == 71.0 and base.best_top1.mean == 73.0 and base.flops.mean is None
+    assert other.eval_top1.std is None and other.eval_top1.n == 1
+
+    to_new, to_other = paired_differences([base, new, other], "base")
+    # seeds 0 and 1 are shared: 71 - 70 = 1 and 75 - 72 = 3
+    assert to_new.name == "new" and to_new.seeds == [0, 1]
+    assert to_new.diff.mean == pytest.approx(2.0) and to_new.diff.std == pytest.approx(2 ** 0.5)
+    assert to_other.seeds == [] and to_other.diff.mean is None
+    markdown = to_markdown([base, new, other], [to_new, to_other])
+    assert "| new | base | +2.00 ± 1.41 | 2 |" in markdown and "| other | base | no common seeds | 0 |" in markdown
+    assert "| base | vit: depth=4 | conv: 50.00 | 72.00 ± 2.00 | 73.00 |" in markdown
+
+
+def test_two_runs_of_one_recipe_and_seed_are_refused():
+    from kdkit.errors import KdkitError
+
+    with pytest.raises(KdkitError, match="two runs of 'a' with seed 0"):
+        summarize([fabricated("a", 0, 1.0), fabricated("a", 0, 2.0)])
