@@ -16,7 +16,7 @@ from pathlib import Path
 import kdkit
 from kdkit.errors import KdkitError, did_you_mean
 from kdkit.recipe import Recipe, load_recipe
-from kdkit.rundir import RunDir
+from kdkit.rundir import RunDir, default_run_dir
 
 MARK = "†"  # a run that its recipe, as it is now, or this kdkit would not reproduce
 
@@ -40,11 +40,6 @@ def seed_overrides(overrides, seed: int) -> list[str]:
 def seeded_recipe(path, overrides, seed: int) -> Recipe:
     """The recipe exactly as a run of this seed resolves it, so its hash is the one the run records."""
     return load_recipe(path, seed_overrides(overrides, seed))
-
-
-def default_run_dir(recipe: Recipe, root: str | Path = "runs") -> Path:
-    """``root/<name>/seed<seed>``: where ``kdkit run`` puts a run without ``--out``."""
-    return Path(root) / str(recipe.table["name"]) / f"seed{recipe.table.get('seed', 0)}"
 
 
 def recipe_seed(path, overrides=()) -> int:

@@ -13,6 +13,11 @@ import kdkit
 from kdkit.errors import KdkitError
 
 
+def default_run_dir(recipe, root: str | Path = "runs") -> Path:
+    """``root/<name>/seed<seed>``: where ``kdkit run`` puts a run without ``--out``."""
+    return Path(root) / str(recipe.table["name"]) / f"seed{recipe.table.get('seed', 0)}"
+
+
 class RunDir:
     """Paths and writers of one run's directory."""
 

@@ -20,7 +20,7 @@ from kdkit.errors import KdkitError
 from kdkit.model import DistillModel, Predictor
 from kdkit.plugins import Plugins, default_plugins
 from kdkit.recipe import load_recipe
-from kdkit.rundir import RunDir, provenance
+from kdkit.rundir import RunDir, default_run_dir, provenance
 from kdkit.teacher import Teacher
 
 
@@ -142,7 +142,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, allow_rando
     plugins = default_plugins()
     recipe = load_recipe(recipe_path, list(overrides))
     exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
-    rundir = RunDir(out or Path("runs") / exp.name / f"seed{exp.seed}")
+    rundir = RunDir(out or default_run_dir(recipe))
     rundir.check_writable(force)
     ensure_teachers(exp, train_teachers=train_teachers, console=console)
     device = default_device()
