@@ -71,7 +71,7 @@ def run(
     no_train_teachers: bool = typer.Option(False, "--no-train-teachers",
                                            help="Fail instead of training a teacher given by a recipe."),
 ):
-    """Train the teachers' student described by RECIPE and write its run directory (one per seed with --seeds)."""
+    """Train the student described by RECIPE (its missing teachers first) into a run directory (one per seed with --seeds)."""
     from kdkit.compare import parse_seeds, run_seeds
     from kdkit.runner import run as run_recipe
 

@@ -119,3 +119,12 @@ def test_warmup_then_cosine_per_step(write_recipe):
     assert lrs[steps] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)))
     assert max(lrs) == lrs[steps]
     assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+def test_bf16_autocast_trains_and_keeps_every_term(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.precision=bf16", 'teachers.conv.precision="bf16"'])
+    images, labels = first_batch(trainer)
+    logged = trainer.train_step(images, labels, epoch=0)
+    assert set(logged) == {"loss", "ce/cls", "kl/conv", "kl/inv"}
+    assert all(math.isfinite(v) for v in logged.values())
+    assert all(p.dtype == torch.float32 for p in trainer.state.model.parameters())  # autocast, not a cast
