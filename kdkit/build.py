@@ -152,7 +152,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     train = _core(recipe, C.TrainConfig, _table(recipe, "train", t.get("train")), "train")
     augment = _core(recipe, C.AugmentConfig, _table(recipe, "augment", t.get("augment")), "augment")
     evaluation = _core(recipe, C.EvalConfig, _table(recipe, "eval", t.get("eval")), "eval")
-    _check_train(recipe, train, augment)
+    _check_train(recipe, data, train, augment)
 
     student = _plugin_spec(recipe, plugins, "student", _table(recipe, "student", t.get("student"), required=True),
                            "student", C.STUDENT_KEYS)
@@ -169,7 +169,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
                       evaluation, allow_random_teachers)
 
 
-def _check_train(recipe, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
+def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
     positive = {"train.epochs": train.epochs, "train.batch_size": train.batch_size,
                 "train.accum_steps": train.accum_steps, "train.lr": train.lr}
     for key, value in positive.items():
@@ -184,7 +184,7 @@ def _check_train(recipe, train: C.TrainConfig, augment: C.AugmentConfig) -> None
     if train.optimizer not in list_optimizers():
         raise recipe.error("train.optimizer", f"unknown optimizer {train.optimizer!r}"
                            f"{did_you_mean(train.optimizer, list_optimizers())} (any timm optimizer name)")
-    if not 0 <= recipe.table.get("data", {}).get("val_split", 0) < 1:
+    if not 0 <= data.val_split < 1:
         raise recipe.error("data.val_split", "must be a fraction of the training set in [0, 1)")
     if augment.repeated_aug < 1:
         raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
