@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from kdkit.model import DistillModel, Predictor
+from kdkit._model import DistillModel, Predictor
 from kdkit_plugins.heads import linear
 from kdkit_plugins.vit import vit
 

@@ -1,29 +1,30 @@
-"""kdkit: plugin-based multi-teacher knowledge distillation for PyTorch vision models."""
-from __future__ import annotations
+"""kdkit: plugin-based multi-teacher knowledge distillation for PyTorch vision models.
 
-from kdkit.hookspecs import hookimpl
+The user API is here (``run``, ``load``, ``build_model``); plugins use ``kdkit.api``.
+"""
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_model", "hookimpl", "load", "run"]
+__all__ = ["__version__", "build_model", "load", "run"]
 
 
 def run(recipe_path, overrides=(), out=None, **options):
-    """Train one recipe (see ``kdkit run --help``); returns the run directory."""
-    from kdkit.runner import run as _run
+    """Train one recipe (see ``kdkit run --help``; ``progress=True`` shows progress); returns the run directory."""
+    from kdkit._run import run as _run
 
     return _run(recipe_path, overrides=overrides, out=out, **options)
 
 
 def load(path):
     """Rebuild a trained student with its heads from ``student.safetensors`` or a run directory."""
-    from kdkit.export import load as _load
+    from kdkit._export import load as _load
 
     return _load(path)
 
 
 def build_model(kind: str, **table):
     """Build a student or teacher from a recipe table, e.g. ``build_model("teacher", plugin="rednet", depth=26)``."""
-    from kdkit.build import build_model as _build_model
+    from kdkit._parts import build_model as _build_model
 
     return _build_model(kind, **table)

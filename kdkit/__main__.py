@@ -1,3 +1,3 @@
-from kdkit.cli import main
+from kdkit._cli import main
 
 main()

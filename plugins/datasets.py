@@ -23,10 +23,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-import kdkit
-from kdkit.config import AugmentConfig, cache_root, default_data_root
-from kdkit.data import DatasetSplits, build_transforms
-from kdkit.errors import KdkitError
+from kdkit.api import (AugmentConfig, DatasetSplits, KdkitError, build_transforms, cache_root, default_data_root,
+                       hookimpl)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -202,7 +200,7 @@ def imagefolder(*, root: str, image_size: int, augment: AugmentConfig, num_class
                          IMAGENET_DEFAULT_STD)
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_datasets(registry) -> None:
     for factory in (fake, cifar10, cifar100, fashion_mnist, imagefolder):
         registry.register_module(factory.__name__, module=factory)

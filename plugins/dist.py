@@ -29,8 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-import kdkit
-from kdkit_plugins.losses import teacher_log_probs
+from kdkit.api import hookimpl, teacher_log_probs
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
@@ -55,6 +54,6 @@ def dist(*, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0,
     return loss
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_losses(registry):
     registry.register_module("dist", module=dist)

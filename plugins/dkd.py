@@ -34,9 +34,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-import kdkit
-from kdkit.errors import KdkitError
-from kdkit_plugins.losses import teacher_log_probs
+from kdkit.api import KdkitError, hookimpl, teacher_log_probs
 
 
 def split_target(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +68,6 @@ def dkd(*, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0,
     return loss
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_losses(registry):
     registry.register_module("dkd", module=dkd)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from timm.layers import trunc_normal_
 from torch import nn
 
-import kdkit
+from kdkit.api import hookimpl
+
 
 
 def linear(*, in_features: int, num_classes: int, bias: bool = True) -> nn.Module:
@@ -16,6 +17,6 @@ def linear(*, in_features: int, num_classes: int, bias: bool = True) -> nn.Modul
     return head
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_heads(registry):
     registry.register_module("linear", module=linear)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-import kdkit
+from kdkit.api import hookimpl, teacher_log_probs
+
 
 
 def ce():
@@ -23,14 +23,6 @@ def ce():
 
     loss.requires_teachers = False
     return loss
-
-
-def teacher_log_probs(teacher_logits: list[torch.Tensor], tau: float, ensemble: str) -> torch.Tensor:
-    """Log-probabilities of the teachers' combined prediction at temperature ``tau``."""
-    stacked = torch.stack([t.float() / tau for t in teacher_logits])
-    if ensemble == "mean_logit":
-        return F.log_softmax(stacked.mean(0), dim=-1)
-    return torch.logsumexp(F.log_softmax(stacked, dim=-1), dim=0) - torch.log(torch.tensor(float(len(teacher_logits))))
 
 
 def kl(*, tau: float = 1.0, reduction: Literal["batchmean", "numel"] = "batchmean",
@@ -59,7 +51,7 @@ def hard():
     return loss
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_losses(registry):
     registry.register_module("ce", module=ce)
     registry.register_module("kl", module=kl)

@@ -10,10 +10,8 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-import kdkit
-from kdkit.errors import KdkitError
+from kdkit.api import KdkitError, PooledStudent, hookimpl
 from kdkit_plugins.involution import Involution2d
-from kdkit_plugins.timm_models import PooledStudent
 
 # Bottleneck blocks per stage, by depth.
 STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -172,11 +170,11 @@ def rednet_student(*, depth: int = 26, in_chans: int = 3, small_input: bool = Fa
                                 drop_path_rate=drop_path_rate))
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_teachers(registry):
     registry.register_module("rednet", module=rednet_teacher)
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_students(registry):
     registry.register_module("rednet", module=rednet_student)

@@ -8,8 +8,8 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-import kdkit
-from kdkit_plugins.timm_models import PooledStudent, use_small_input_stem
+from kdkit.api import PooledStudent, hookimpl
+from kdkit_plugins.timm_models import use_small_input_stem
 
 
 def mixer(*, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, depth: int = 12,
@@ -25,7 +25,7 @@ def resnet10(*, small_input: bool = False, in_chans: int = 3, drop_path_rate: fl
     return PooledStudent(use_small_input_stem(model, "resnet10") if small_input else model)
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_students(registry):
     registry.register_module("mixer", module=mixer)
     registry.register_module("resnet10", module=resnet10)

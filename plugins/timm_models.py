@@ -2,28 +2,10 @@
 from __future__ import annotations
 
 import timm
-import torch
 from timm.models import RegNet, ResNet
 from torch import nn
 
-import kdkit
-from kdkit.errors import KdkitError
-
-
-class PooledStudent(nn.Module):
-    """A timm model without its classifier; returns ``{"pool": features}``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.embedding_dims = {"pool": model.num_features}
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pool": self.model(images)}
-
-    def no_weight_decay(self) -> set[str]:
-        inner = getattr(self.model, "no_weight_decay", None)
-        return {f"model.{n}" for n in (inner() if inner else ())}
+from kdkit.api import KdkitError, PooledStudent, did_you_mean, hookimpl
 
 
 def _stride_one_3x3(conv: nn.Conv2d) -> nn.Conv2d:
@@ -49,8 +31,6 @@ def use_small_input_stem(model: nn.Module, name: str) -> nn.Module:
 
 def _create(model: str, small_input: bool = False, **kwargs) -> nn.Module:
     if model not in timm.list_models():
-        from kdkit.errors import did_you_mean
-
         raise KdkitError(f"timm has no model named {model!r}{did_you_mean(model, timm.list_models())}")
     try:
         created = timm.create_model(model, **kwargs)
@@ -76,11 +56,11 @@ def timm_teacher(*, model: str, num_classes: int, in_chans: int = 3, small_input
                    **(model_kwargs or {}))
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_students(registry):
     registry.register_module("timm", module=timm_student)
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_teachers(registry):
     registry.register_module("timm", module=timm_teacher)

@@ -17,8 +17,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-import kdkit
-from kdkit.errors import KdkitError
+from kdkit.api import KdkitError, hookimpl
 from kdkit_plugins.involution import Involution2d
 
 # DeiT-Ti and DeiT-S, as in the paper; drop path 0.1 is DeiT's training recipe, which the paper follows.
@@ -160,6 +159,6 @@ def vit(*, preset: Literal["ti", "s"] = "ti", tokens: list[str] = ["cls"],  # no
     return TokenViT(tokens=list(tokens), token_kind=token_kind, in_chans=in_chans, **arch)
 
 
-@kdkit.hookimpl
+@hookimpl
 def kdkit_register_students(registry):
     registry.register_module("vit", module=vit)

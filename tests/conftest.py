@@ -5,9 +5,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from kdkit.cli import app
+from kdkit._cli import app
+from kdkit._engine import Trainer
+from kdkit._experiment import resolve
+from kdkit._parts import build_parts, build_teachers
+from kdkit._plugins import default_plugins
+from kdkit._recipe import load_recipe
+from kdkit._rundir import RunDir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -97,3 +104,14 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+def make_trainer(recipe_path, overrides=(), init_seed=0) -> Trainer:
+    """A Trainer for a recipe (random teachers allowed), built as ``kdkit run`` builds it; no run directory."""
+    plugins, cpu = default_plugins(), torch.device("cpu")
+    exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=True)
+    torch.manual_seed(init_seed)
+    parts = build_parts(exp, plugins, cpu)
+    parts.teachers = build_teachers(exp, plugins, parts, cpu)
+    return Trainer(exp, parts, device=cpu, rundir=RunDir(recipe_path.parent / "unused"), hook=plugins.manager.hook,
+                   summary={})

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import kdkit.runner
-from kdkit.cli import app
-from kdkit.compare import MARK, Run, paired_differences, seeded_recipe, summarize, to_markdown
+import kdkit._run
+from kdkit._cli import app
+from kdkit._compare import MARK, Run, paired_differences, seeded_recipe, summarize, to_markdown
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -89,13 +89,13 @@ def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monke
     seed0 = runs / "two" / "seed0" / "summary.json"
     before = seed0.stat().st_mtime_ns
     trained = []
-    real_run = kdkit.runner.run
+    real_run = kdkit._run.run
 
     def counting_run(recipe_path, overrides, out, **options):
         trained.append(Path(out).name)
         return real_run(recipe_path, overrides, out, **options)
 
-    monkeypatch.setattr(kdkit.runner, "run", counting_run)
+    monkeypatch.setattr(kdkit._run, "run", counting_run)
     args = ("compare", recipe, "--seeds", "0,1", "--runs", runs, *FAST, "--allow-random-teachers")
     first = cli(*args)
     assert first.exit_code == 0, first.output
@@ -103,18 +103,22 @@ def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monke
     assert summary(runs / "two" / "seed1")["status"] == "completed"
     assert MARK not in first.output  # both runs carry the hash of the recipe as it is now
 
-    def fake_run(recipe_path, overrides, out, *, force, **options):  # stands in for a retrain
-        trained.append((Path(out).name, force))
+    def fake_run(recipe_path, overrides, out, *, force, resume, **options):  # stands in for a retrain
+        trained.append((Path(out).name, "resume" if resume else "force" if force else "new"))
         shutil.copytree(dirs[0], out, dirs_exist_ok=True)
         return out
 
-    monkeypatch.setattr(kdkit.runner, "run", fake_run)
+    monkeypatch.setattr(kdkit._run, "run", fake_run)
     assert cli(*args).exit_code == 0 and trained == ["seed1"]  # everything complete: nothing trains
     interrupted = {**summary(runs / "two" / "seed0"), "status": "interrupted"}
     seed0.write_text(json.dumps(interrupted))
     third = cli(*args)
     assert third.exit_code == 0, third.output
-    assert trained == ["seed1", ("seed0", True)]  # only the incomplete run, overwritten
+    assert trained == ["seed1", ("seed0", "resume")]  # only the unfinished run, resumed from its checkpoint
+    seed0.write_text(json.dumps(interrupted))
+    (runs / "two" / "seed0" / "checkpoints" / "last.pt").unlink()
+    assert cli(*args).exit_code == 0
+    assert trained[-1] == ("seed0", "force")  # no checkpoint to resume from: started over
 
 
 def test_stale_runs_are_flagged(seed_runs, cli, tmp_path):
@@ -184,7 +188,7 @@ def test_rows_and_paired_differences_by_hand():
 
 
 def test_two_runs_of_one_recipe_and_seed_are_refused():
-    from kdkit.errors import KdkitError
+    from kdkit._errors import KdkitError
 
     with pytest.raises(KdkitError, match="two runs of 'a' with seed 0"):
         summarize([fabricated("a", 0, 1.0), fabricated("a", 0, 2.0)])

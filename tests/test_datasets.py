@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 import kdkit_plugins.datasets as datasets
-from kdkit.config import AugmentConfig, DataConfig
-from kdkit.data import seeded, split_datasets
-from kdkit.errors import KdkitError, RecipeError
-from kdkit.plugins import default_plugins
-from kdkit.schema import check_table
+from kdkit._config import AugmentConfig, DataConfig
+from kdkit._data import seeded, split_datasets
+from kdkit._errors import KdkitError, RecipeError
+from kdkit._plugins import default_plugins
+from kdkit._schema import check_table
 
 CIFAR10_ARCHIVE = next((p for p in (Path(__file__).parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz",
                                     Path("/work/shared/data/cifar10-jpeg.tar.gz")) if p.is_file()), None)
@@ -125,7 +125,7 @@ def test_tree_and_archive_load_identically(tmp_path, cache):
     pixels = make_tree(tmp_path / "tree")
     archive = make_archive(tmp_path / "tree", tmp_path / "tiny.tar.gz")
     (tmp_path / "holder").mkdir()
-    nested = make_archive(tmp_path / "tree", tmp_path / "holder" / "nested.tgz", top="tiny/")
+    make_archive(tmp_path / "tree", tmp_path / "holder" / "nested.tgz", top="tiny/")
     loaded = [datasets.cifar10(root=str(root), **CONTEXT)
               for root in (tmp_path / "tree", archive, tmp_path / "holder")]
     for splits in loaded:

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kdkit.errors import KdkitError
-from kdkit.plugins import default_plugins
-from kdkit.schema import check_table
+from kdkit._errors import KdkitError
+from kdkit._plugins import default_plugins
+from kdkit._schema import check_table
 from kdkit_plugins.dkd import dkd
 from kdkit_plugins.losses import kl
 

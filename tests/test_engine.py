@@ -7,31 +7,12 @@ import math
 import pytest
 import torch
 
-from kdkit.build import resolve
-from kdkit.data import Targets, build_loaders
-from kdkit.engine import Trainer, create_state
-from kdkit.plugins import default_plugins
-from kdkit.recipe import load_recipe
-from kdkit.runner import build_parts
-
-from conftest import TWO_TEACHER_RECIPE
-
-
-def make_trainer(recipe_path, overrides=(), init_seed=0):
-    exp = resolve(load_recipe(recipe_path, list(overrides)), default_plugins(), allow_random_teachers=True)
-    torch.manual_seed(init_seed)
-    parts = build_parts(exp, default_plugins(), torch.device("cpu"))
-    loaders = build_loaders(parts.train_set, parts.val_set, exp.data, batch_size=exp.train.batch_size,
-                            seed=exp.seed, repeats=exp.augment.repeated_aug)
-    state = create_state(parts.model, exp.train, len(loaders.train))
-    targets = Targets(exp.augment, parts.splits.num_classes, exp.seed)
-    return Trainer(state, parts.teachers, parts.terms, loaders, targets, exp.train, seed=exp.seed,
-                   device=torch.device("cpu"), mean=parts.splits.mean, std=parts.splits.std)
+from conftest import TWO_TEACHER_RECIPE, make_trainer
 
 
 def first_batch(trainer):
-    trainer.loaders.sampler.set_epoch(0)
-    return next(iter(trainer.loaders.train))
+    trainer.parts.loaders.sampler.set_epoch(0)
+    return next(iter(trainer.parts.loaders.train))
 
 
 def test_accumulation_keeps_every_loss_term(write_recipe):
@@ -59,7 +40,7 @@ def test_teachers_see_exactly_the_students_batch(write_recipe):
         return hook
 
     trainer.state.model.student.register_forward_hook(record("student"))
-    for name, teacher in trainer.teachers.items():
+    for name, teacher in trainer.parts.teachers.items():
         teacher.model.register_forward_hook(record(name))
     images, labels = first_batch(trainer)
     trainer.train_step(images, labels, epoch=0)
@@ -74,8 +55,8 @@ def test_augmentation_does_not_depend_on_loader_workers(write_recipe):
     batches = []
     for workers in (0, 2):
         trainer = make_trainer(recipe, [f"data.workers={workers}", *augment])
-        trainer.loaders.sampler.set_epoch(1)
-        batches.append(next(iter(trainer.loaders.train)))
+        trainer.parts.loaders.sampler.set_epoch(1)
+        batches.append(next(iter(trainer.parts.loaders.train)))
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
     # repeated augmentation: consecutive copies of one image, augmented differently
     assert torch.equal(batches[0][1][0], batches[0][1][1]) and not torch.equal(batches[0][0][0], batches[0][0][1])
@@ -86,13 +67,14 @@ def test_two_trainings_with_one_seed_are_identical(write_recipe):
     results = []
     for _ in range(2):
         trainer = make_trainer(recipe)
-        row = trainer.train_epoch(0)
-        results.append((row["train"], trainer.state.model.state_dict()))
+        trainer.train_epoch(0)
+        results.append((trainer.state.sums, trainer.state.model.state_dict()))
     assert results[0][0] == results[1][0]
     for key, value in results[0][1].items():
         assert torch.equal(value, results[1][1][key]), key
-    other = make_trainer(recipe, ["seed=1"]).train_epoch(0)
-    assert other["train"] != results[0][0]
+    other = make_trainer(recipe, ["seed=1"])
+    other.train_epoch(0)
+    assert other.state.sums != results[0][0]
 
 
 def test_no_weight_decay_on_norms_biases_positions_and_tokens(write_recipe):
@@ -108,10 +90,10 @@ def test_no_weight_decay_on_norms_biases_positions_and_tokens(write_recipe):
 def test_warmup_then_cosine_per_step(write_recipe):
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=4", "train.warmup_epochs=1",
                                                                "train.warmup_lr=1e-6", "train.min_lr=1e-5"])
-    steps = len(trainer.loaders.train)
+    steps = trainer.steps_per_epoch
     lrs = []
     for step in range(4 * steps + 1):
-        trainer.state.scheduler.step_update(step)
+        trainer.scheduler.step_update(step)
         lrs.append(trainer.state.optimizer.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(1e-6)
     assert lrs[1] > lrs[0]  # warmup moves every step, not every epoch

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from kdkit.errors import PluginError
-from kdkit.plugins import Plugins, PluginWarning
+from kdkit._errors import PluginError
+from kdkit._plugins import Plugins, PluginWarning
 
 
 def make_distribution(root, name: str, modules: dict[str, str], entry_points: dict[str, str]):
@@ -42,12 +42,12 @@ def test_broken_plugin_is_a_warning_and_the_others_work(tmp_path, monkeypatch):
 
 def test_same_name_from_two_distributions_is_an_error_naming_both(tmp_path, monkeypatch):
     source = """
-        import kdkit
+        from kdkit import api
 
         def kl():
             '''A rival kl.'''
 
-        @kdkit.hookimpl
+        @api.hookimpl
         def kdkit_register_losses(registry):
             registry.register_module("kl", module=kl)
         """
@@ -63,12 +63,12 @@ def test_same_name_from_two_distributions_is_an_error_naming_both(tmp_path, monk
 
 def test_dotted_plugin_names_are_refused(tmp_path, monkeypatch):
     source = """
-        import kdkit
+        from kdkit import api
 
         def f():
             pass
 
-        @kdkit.hookimpl
+        @api.hookimpl
         def kdkit_register_heads(registry):
             registry.register_module("my.head", module=f)
         """

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from kdkit.errors import RecipeError
-from kdkit.recipe import dumps_toml, load_recipe, parse_override
+from kdkit._errors import RecipeError
+from kdkit._recipe import dumps_toml, load_recipe, parse_override
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import kdkit
-from kdkit.build import resolve
-from kdkit.plugins import default_plugins
-from kdkit.recipe import load_recipe
+from kdkit._experiment import resolve
+from kdkit._plugins import default_plugins
+from kdkit._recipe import load_recipe
 
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").rglob("*.toml") if not p.name.startswith("_"))
 FAKE_DATA = ('data={ dataset = "fake", image_size = 32, num_classes = 10, train_size = 16, val_size = 8, '

@@ -5,8 +5,8 @@ from typing import Literal
 
 import pytest
 
-from kdkit.errors import RecipeError
-from kdkit.schema import check_table, describe_keys
+from kdkit._errors import RecipeError
+from kdkit._schema import check_table, describe_keys
 
 
 def factory(*, depth: int, width: float = 1.0, name: str = "a", tokens: list[str] = ["cls"],

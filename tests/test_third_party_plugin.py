@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdkit
+from kdkit import api
 
 
 def tiny_cnn(*, num_classes: int, in_chans: int = 3, width: int = 8):
@@ -45,12 +45,12 @@ def logit_mse(*, scale: float = 1.0):
     return loss
 
 
-@kdkit.hookimpl
+@api.hookimpl
 def kdkit_register_teachers(registry):
     registry.register_module("tiny_cnn", module=tiny_cnn)
 
 
-@kdkit.hookimpl
+@api.hookimpl
 def kdkit_register_losses(registry):
     registry.register_module("logit_mse", module=logit_mse)
 '''

@@ -93,5 +93,8 @@ STUDENT_KEYS = {"plugin"}
 TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe"}
 HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
+CALLBACK_KEYS = {"plugin"}
 TOP_LEVEL_KEYS = {"name", "seed", "extends", "data", "student", "teachers", "heads", "losses",
-                  "train", "augment", "eval"}
+                  "train", "augment", "eval", "callbacks"}
+# The callbacks every run uses; a recipe's [callbacks.<name>] tables add to them.
+RUN_CALLBACKS = ("run_files", "checkpoints", "export")

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdkit.config import AugmentConfig
-from kdkit.data import build_transforms
-from kdkit.errors import KdkitError
-from kdkit.export import load
+from kdkit._config import AugmentConfig
+from kdkit._data import build_transforms
+from kdkit._errors import KdkitError
+from kdkit._export import load
 
 
 def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> list[tuple[Path, list]]:

@@ -26,3 +26,16 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean: a, b?)' for the closest valid names, or '' when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
     return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+class RunFailed(Exception):
+    """The run cannot go on (a non-finite loss, a checkpoint that cannot be written): the CLI prints
+    the message and exits with 1; the run directory keeps its last good checkpoint."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step, with a checkpoint to resume from."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

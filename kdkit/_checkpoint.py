@@ -5,13 +5,14 @@ Training checkpoints hold only tensors and plain data, so ``torch.load(weights_o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kdkit.errors import KdkitError
+from kdkit._errors import KdkitError
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -45,12 +46,29 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                          f"{'...' if len(unexpected) > 5 else ''}")
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then fsync and rename over ``path``: a kill or a full disk never leaves a torn file,
+    and a failed write leaves the previous ``path`` as it was (the error is raised, the temporary removed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically, so a kill mid-write never leaves a broken checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write a training checkpoint atomically (``atomic_write``)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:

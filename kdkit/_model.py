@@ -1,4 +1,4 @@
-"""The trainable module: a student plus its token heads. Teachers live apart (kdkit.teacher)."""
+"""The trainable module: a student plus its token heads. Teachers live apart (kdkit._teacher)."""
 from __future__ import annotations
 
 import torch
@@ -34,6 +34,13 @@ class DistillModel(nn.Module):
         return used + sum(p.numel() for n in self.eval_heads for p in self.heads[n].parameters())
 
 
+def build_distill_model(plugins, student: nn.Module, heads: dict[str, dict], eval_heads: list[str]) -> DistillModel:
+    """A student with heads built from resolved tables, ``{"plugin", "embedding", "kwargs"}`` per head
+    (the form ``student.safetensors`` stores)."""
+    built = {name: plugins.get("head", h["plugin"])(**h["kwargs"]) for name, h in heads.items()}
+    return DistillModel(student, built, {name: h["embedding"] for name, h in heads.items()}, eval_heads)
+
+
 def combine(logits: dict[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
     """The prediction: the mean of the named heads' logits."""
     return torch.stack([logits[name].float() for name in heads]).mean(0)
@@ -48,3 +55,19 @@ class Predictor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.predict(images)
+
+
+class PooledStudent(nn.Module):
+    """A classifier-less CNN (or any model returning pooled features) as a student: ``{"pool": features}``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.embedding_dims = {"pool": model.num_features}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pool": self.model(images)}
+
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{n}" for n in (inner() if inner else ())}

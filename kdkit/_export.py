@@ -12,8 +12,9 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdkit.errors import KdkitError
-from kdkit.model import DistillModel
+from kdkit._checkpoint import atomic_write
+from kdkit._errors import KdkitError
+from kdkit._model import DistillModel, build_distill_model
 
 FILENAME = "student.safetensors"
 META_KEY = "kdkit"
@@ -35,9 +36,7 @@ def is_export(path: str | Path) -> bool:
 def save(path: Path, model: DistillModel, meta: dict) -> None:
     """Write the student (``student.*``) and heads (``heads.<name>.*``) with ``meta`` as JSON."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)}))
 
 
 def read_meta(path: str | Path) -> dict:
@@ -52,15 +51,13 @@ def load(path: str | Path, plugins=None) -> DistillModel:
     """Rebuild the exported model in eval mode; ``model.meta`` holds class names and normalization."""
     from safetensors.torch import load_file
 
-    from kdkit.plugins import default_plugins
+    from kdkit._plugins import default_plugins
 
     plugins = plugins or default_plugins()
     file = export_path(path)
     meta = read_meta(file)
     student = plugins.get("student", meta["student"]["plugin"])(**meta["student"]["kwargs"])
-    heads = {name: plugins.get("head", h["plugin"])(**h["kwargs"]) for name, h in meta["heads"].items()}
-    embeddings = {name: h["embedding"] for name, h in meta["heads"].items()}
-    model = DistillModel(student, heads, embeddings, meta["eval"]["heads"])
+    model = build_distill_model(plugins, student, meta["heads"], meta["eval"]["heads"])
     model.load_state_dict(load_file(str(file)))
     model.meta = meta
     return model.eval()

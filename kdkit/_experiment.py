@@ -1,21 +1,20 @@
-"""From a resolved recipe to a validated ``Experiment``, and from its tables to modules.
+"""From a resolved recipe to a checked ``Experiment``: every key, type, plugin name and reference.
 
-Everything a recipe can get wrong is checked here, before any data is read or any model trained.
+What the recipe alone can get wrong is refused here, before any data is read; what only the built
+parts can tell (the data's size, the student's outputs, teacher weights) ``kdkit._parts`` checks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from timm.optim import list_optimizers
-from torch import nn
 
-from kdkit import config as C
-from kdkit.errors import KdkitError, RecipeError, did_you_mean
-from kdkit.plugins import Plugins, default_plugins
-from kdkit.recipe import Recipe
-from kdkit.schema import accepts, check_table, conform, type_name
+from kdkit import _config as C
+from kdkit._errors import RecipeError, did_you_mean
+from kdkit._plugins import Plugins, default_plugins
+from kdkit._recipe import Recipe
+from kdkit._schema import accepts, check_table, conform, type_name
 
 
 @dataclass
@@ -78,8 +77,7 @@ class Experiment:
     train: C.TrainConfig
     augment: C.AugmentConfig
     eval: C.EvalConfig
-    allow_random_teachers: bool = False
-    unresolved_heads: list[str] = field(default_factory=list)
+    callbacks: dict[str, PluginSpec] = field(default_factory=dict)
 
 
 def _table(recipe: Recipe, key: str, value, *, required: bool = False) -> dict:
@@ -129,7 +127,10 @@ def _typed(recipe, key: str, value, annotation, default):
 
 
 def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teachers: bool = False) -> Experiment:
-    """Check every key of ``recipe`` and return the experiment it describes (nothing is built)."""
+    """Check every key of ``recipe`` and return the experiment it describes.
+
+    Nothing is read or trained; loss functions are built (cheaply) to ask whether they need teachers.
+    """
     plugins = plugins or default_plugins()
     t = recipe.table
     for key in t:
@@ -165,8 +166,13 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
         for hname, table in _table(recipe, "heads", t.get("heads")).items()
     }
     losses = _losses(recipe, plugins, t.get("losses"), teachers)
+    callbacks = {
+        cname: _plugin_spec(recipe, plugins, "callback", _table(recipe, f"callbacks.{cname}", table),
+                            f"callbacks.{cname}", C.CALLBACK_KEYS, cname)
+        for cname, table in _table(recipe, "callbacks", t.get("callbacks")).items()
+    }
     return Experiment(recipe, name, seed, data, dataset, student, teachers, heads, losses, train, augment,
-                      evaluation, allow_random_teachers)
+                      evaluation, callbacks)
 
 
 def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
@@ -195,7 +201,7 @@ def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
     checkpoint = _typed(recipe, f"{key}.checkpoint", table.get("checkpoint"), str, "")
     pretrained = _typed(recipe, f"{key}.pretrained", table.get("pretrained"), bool, False)
     precision = _typed(recipe, f"{key}.precision", table.get("precision"), C.Precision, "auto")
-    from kdkit.export import is_export  # a kdkit export rebuilds its own model
+    from kdkit._export import is_export  # a kdkit export rebuilds its own model
 
     if "recipe" in table:
         return _teacher_from_recipe(recipe, plugins, name, table, precision)
@@ -220,7 +226,7 @@ def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
 
 def _teacher_from_recipe(recipe, plugins, name, table, precision) -> TeacherSpec:
     """A teacher trained by its own recipe (``kdkit run`` trains it first if it is not cached)."""
-    from kdkit.recipe import load_recipe
+    from kdkit._recipe import load_recipe
 
     key = f"teachers.{name}"
     path = _typed(recipe, f"{key}.recipe", table.get("recipe"), str, "")
@@ -294,33 +300,3 @@ def check_heads(exp: Experiment, embedding_dims: dict[str, int]) -> dict[str, He
     if not exp.eval.heads:
         raise exp.recipe.error("eval.heads", "must name at least one head")
     return heads
-
-
-def build_model(kind: str, plugins: Plugins | None = None, **table) -> nn.Module:
-    """Build a student or teacher from a recipe table (``plugin`` plus its keys, ``checkpoint``...)."""
-    from kdkit.checkpoint import load_weights
-    from kdkit.export import is_export, load
-
-    plugins = plugins or default_plugins()
-    if kind not in ("student", "teacher"):
-        raise KdkitError(f"kind must be 'student' or 'teacher', got {kind!r}")
-    checkpoint = table.pop("checkpoint", "")
-    pretrained = table.pop("pretrained", False)
-    table.pop("precision", None)
-    if checkpoint and is_export(checkpoint):
-        return load(checkpoint)
-    name = table.pop("plugin", None)
-    if name is None:
-        raise KdkitError(f"build_model({kind!r}) needs plugin= (one of {', '.join(plugins.names(kind))})")
-    factory = plugins.get(kind, name)
-    kwargs = check_table(factory, table, kind=kind, file=None, key=kind)
-    if pretrained:
-        kwargs["pretrained"] = True
-    model = factory(**kwargs)
-    if checkpoint:
-        load_weights(model, checkpoint)
-    return model
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,7 @@ refuses two distributions that register the same name.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -17,8 +18,8 @@ from importlib.metadata import entry_points
 import pluggy
 from mmengine.registry import Registry
 
-from kdkit import hookspecs
-from kdkit.errors import KdkitError, PluginError, did_you_mean
+from kdkit import _hookspecs as hookspecs
+from kdkit._errors import KdkitError, PluginError, did_you_mean
 
 ENTRY_POINT_GROUP = "kdkit"
 
@@ -83,6 +84,22 @@ class Plugins:
                 continue
             self.add(module, Origin(ep.name, distribution))
 
+    @contextlib.contextmanager
+    def joined(self, callbacks: dict[str, object]):
+        """The run's callback objects take part in the lifecycle hooks for the duration of the block."""
+        try:
+            for name, callback in callbacks.items():
+                self.manager.register(callback, name=f"callback:{name}:{id(callback)}")
+            try:
+                self.manager.check_pending()  # a misspelt hook name fails now, not silently
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"callback {exc.plugin_name.split(':')[1]!r}: {exc}") from None
+            yield
+        finally:
+            for callback in callbacks.values():
+                if self.manager.is_registered(callback):
+                    self.manager.unregister(callback)
+
     def names(self, kind: str) -> list[str]:
         return sorted(self.registries[kind].module_dict)
 
@@ -95,7 +112,7 @@ class Plugins:
 
     def describe(self) -> list[dict]:
         """One row per registered name: kind, name, keys (from the factory signature), distribution."""
-        from kdkit.schema import describe_keys
+        from kdkit._schema import describe_keys
 
         rows = []
         for kind in hookspecs.KINDS:

@@ -10,7 +10,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from kdkit.errors import RecipeError, did_you_mean
+from kdkit._errors import RecipeError, did_you_mean
 
 # Keys the engine fills in from the rest of the recipe when a factory asks for them.
 CONTEXT_KEYS = {
@@ -19,6 +19,7 @@ CONTEXT_KEYS = {
     "head": {"in_features", "num_classes"},
     "loss": set(),
     "dataset": {"root", "image_size", "augment", "num_classes"},
+    "callback": set(),
     "config": set(),
 }
 # Kinds whose recipe tables may set a context key themselves (e.g. a student's own img_size).

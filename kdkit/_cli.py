@@ -1,4 +1,5 @@
-"""The ``kdkit`` command line (typer). Bad input exits with 2, other failures with 1."""
+"""The ``kdkit`` command line (typer). Bad input exits with 2, a failed run with 1, a run stopped by a
+signal with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdkit.errors import KdkitError
+from kdkit._errors import KdkitError, RunFailed, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdkit: multi-teacher knowledge distillation for vision models.")
@@ -29,16 +30,21 @@ def fail(exc: BaseException, code: int) -> typer.Exit:
 
 
 @contextlib.contextmanager
-def reported(interrupted: str = "interrupted"):
-    """Exit 2 with one line for bad input, 1 with the traceback for anything else."""
+def reported():
+    """One line and exit 2 for bad input, 1 for a failed run, 128 + signal for an interrupted one;
+    the traceback too for anything unexpected."""
     try:
         yield
     except typer.Exit:
         raise
     except KdkitError as exc:
         raise fail(exc, 2) from None
+    except RunFailed as exc:
+        raise fail(exc, 1) from None
+    except RunInterrupted as exc:
+        raise fail(exc, 128 + exc.signum) from None
     except KeyboardInterrupt:
-        raise fail(KeyboardInterrupt(interrupted), 1) from None
+        raise fail(KeyboardInterrupt("interrupted"), 130) from None
     except Exception as exc:
         err.print_exception()
         raise fail(exc, 1) from None
@@ -67,16 +73,24 @@ def run(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: one run each, "
                                         "the recipe's seed overridden."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing non-empty run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory from its "
+                                "checkpoints/last.pt (the end of an epoch, or where a signal stopped it)."),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept a recipe or teacher "
+                                       "weights that differ from the run's (e.g. more train.epochs)."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
     no_train_teachers: bool = typer.Option(False, "--no-train-teachers",
                                            help="Fail instead of training a teacher given by a recipe."),
 ):
-    """Train the student described by RECIPE (its missing teachers first) into a run directory (one per seed with --seeds)."""
-    from kdkit.compare import parse_seeds, run_seeds
-    from kdkit.runner import run as run_recipe
+    """Train the student described by RECIPE (its missing teachers first) into a run directory (one per seed with --seeds).
 
-    options = dict(force=force, allow_random_teachers=allow_random_teachers, train_teachers=not no_train_teachers)
-    with reported("interrupted; the run directory records status 'interrupted'"):
+    SIGINT (Ctrl-C) or SIGTERM stops the run after the current step with a checkpoint to --resume from.
+    """
+    from kdkit._compare import parse_seeds, run_seeds
+    from kdkit._run import run as run_recipe
+
+    options = dict(force=force, resume=resume, allow_changes=allow_changes, allow_random_teachers=allow_random_teachers,
+                   train_teachers=not no_train_teachers, progress=True, console=err)
+    with reported():
         if seeds is None:
             paths = [run_recipe(recipe, override, out, **options)]
         else:
@@ -88,7 +102,7 @@ def run(
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List every registered plugin: kind, name, recipe keys and the distribution it came from."""
-    from kdkit.plugins import default_plugins
+    from kdkit._plugins import default_plugins
 
     try:
         rows = default_plugins().describe()
@@ -112,7 +126,7 @@ def predict(
     top: int = typer.Option(5, "--top", help="How many classes to print per image."),
 ):
     """Print the top classes the trained student predicts for image files."""
-    from kdkit.predict import predict_files
+    from kdkit._predict import predict_files
 
     try:
         results = predict_files(run_dir, images, top)
@@ -138,9 +152,9 @@ def compare(
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
 ):
     """Compare recipes over seeds: one row per recipe with mean ± std; trains what a recipe argument lacks."""
-    from kdkit import compare as C
+    from kdkit import _compare as C
 
-    with reported("interrupted; a run being trained records status 'interrupted'"):
+    with reported():
         found = C.collect_runs(targets, C.parse_seeds(seeds) if seeds else None, override, runs,
                                allow_random_teachers=allow_random_teachers, console=err)
         rows = C.summarize(found)
@@ -178,10 +192,10 @@ def evaluate(
                                                help="Evaluate against the run's random teachers (smoke tests)."),
 ):
     """Per-head top-1 and KL(teacher || head) between every head and teacher, on the run's validation set."""
-    from kdkit import evaluate as E
+    from kdkit import _evaluate as E
 
     with reported():
-        rebuilt = E.rebuild(run_dir, allow_random_teachers=allow_random_teachers, console=err)
+        rebuilt = E.rebuild(run_dir, allow_random_teachers=allow_random_teachers)
         result = E.evaluate(rebuilt)
         if json_file:
             output_path(json_file).write_text(json.dumps(result.to_json(), indent=2) + "\n")

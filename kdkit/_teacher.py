@@ -1,5 +1,7 @@
-"""Frozen teachers, kept apart from the trainable module (never wrapped by DDP, never optimized)."""
+"""Frozen teachers, kept apart from the trainable module (never optimized), and how several are combined."""
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +40,24 @@ class Teacher(DistillationTeacher):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self(x).float()
+
+
+def teacher_log_probs(teacher_logits: list[torch.Tensor], tau: float, ensemble: str) -> torch.Tensor:
+    """Log-probabilities of several teachers' combined prediction at temperature ``tau``.
+
+    ``mean_prob``: the mean of their probabilities (a mixture); ``mean_logit``: the softmax of their
+    mean logits. With one teacher both are its own ``log_softmax(logits / tau)``.
+    """
+    stacked = torch.stack([t.float() / tau for t in teacher_logits])
+    if ensemble == "mean_logit":
+        return F.log_softmax(stacked.mean(0), dim=-1)
+    return torch.logsumexp(F.log_softmax(stacked, dim=-1), dim=0) - torch.log(torch.tensor(float(len(teacher_logits))))
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A hash of every parameter and buffer (names, dtypes, shapes, bytes): what a resumed run compares."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from kdkit.config import AugmentConfig, DataConfig
+from kdkit._config import AugmentConfig, DataConfig
 
 DATA_SEED = 20210601  # subsets and held-out splits never move with the recipe's seed
 
@@ -134,22 +135,24 @@ class EpochSampler(Sampler):
 
     With ``repeats`` > 1 each image appears that many times in a row, each copy augmented
     differently (DeiT's repeated augmentation), and the epoch is cut back to ``len(dataset)``.
+    ``set_epoch(epoch, skip)`` leaves out the epoch's first ``skip`` keys: a run resumed in the
+    middle of an epoch sees exactly the samples it had not trained on yet.
     """
 
     def __init__(self, size: int, seed: int, repeats: int = 1):
-        self.size, self.seed, self.repeats, self.epoch = size, seed, max(1, repeats), 0
+        self.size, self.seed, self.repeats, self.epoch, self.skip = size, seed, max(1, repeats), 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.skip
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
         keys = [(self.epoch, i, c) for i in order for c in range(self.repeats)]
-        return iter(keys[: self.size])
+        return iter(keys[self.skip: self.size])
 
 
 @dataclass
@@ -159,13 +162,17 @@ class Loaders:
     sampler: EpochSampler
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which stops the run after the current step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loaders(train: Dataset, val: Dataset, cfg: DataConfig, *, batch_size: int, seed: int,
                   repeats: int = 1) -> Loaders:
     """Train batches are ``drop_last`` so mixup always sees an even, full batch."""
-    if len(train) < batch_size:
-        raise ValueError(f"the training set has {len(train)} images, fewer than one batch of {batch_size}")
     sampler = EpochSampler(len(train), seed, repeats)
-    common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                  worker_init_fn=_ignore_sigint if cfg.workers > 0 else None)
     train_loader = DataLoader(SeededDataset(train, seed), batch_size=batch_size, sampler=sampler,
                               drop_last=True, **common)
     val_loader = DataLoader(val, batch_size=cfg.batch_size_eval, shuffle=False, **common)

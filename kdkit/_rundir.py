@@ -10,7 +10,8 @@ import timm
 import torch
 
 import kdkit
-from kdkit.errors import KdkitError
+from kdkit._checkpoint import atomic_write
+from kdkit._errors import KdkitError
 
 
 def default_run_dir(recipe, root: str | Path = "runs") -> Path:
@@ -19,7 +20,7 @@ def default_run_dir(recipe, root: str | Path = "runs") -> Path:
 
 
 class RunDir:
-    """Paths and writers of one run's directory."""
+    """Paths and writers of one run's directory; every file is replaced atomically."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -36,25 +37,38 @@ class RunDir:
             raise KdkitError(f"{self.path}: exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not force:
             raise KdkitError(f"{self.path}: the run directory exists and is not empty "
-                             "(use --force to overwrite it, or --out to choose another)")
+                             "(--resume continues it, --force overwrites it, --out chooses another)")
 
     def create(self, recipe_text: str) -> None:
+        """A new run: an empty directory (a forced one emptied first) holding the resolved recipe."""
         if self.path.is_dir():
             shutil.rmtree(self.path)
         (self.path / "checkpoints").mkdir(parents=True)
-        self.recipe.write_text(recipe_text)
+        self.write_recipe(recipe_text)
+
+    def write_recipe(self, recipe_text: str) -> None:
+        atomic_write(self.recipe, lambda tmp: tmp.write_text(recipe_text))
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows`` (a resumed run's history: every epoch exactly once)."""
+        atomic_write(self.metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     def append_metrics(self, row: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def write_summary(self, summary: dict) -> None:
-        tmp = self.summary.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.summary)
+        atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
     def read_summary(self) -> dict:
         return json.loads(self.summary.read_text())
+
+    def status(self) -> str | None:
+        """The summary's status, or None when there is no readable summary."""
+        try:
+            return self.read_summary().get("status")
+        except (OSError, ValueError):
+            return None
 
 
 def provenance(recipe_hash: str) -> dict:
@@ -65,5 +79,5 @@ def provenance(recipe_hash: str) -> dict:
         commit = result.stdout.strip() if result.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"kdkit_version": kdkit.__version__, "git_commit": commit, "torch_version": torch.__version__,
-            "timm_version": timm.__version__, "recipe_hash": recipe_hash}
+    return {"kdkit_version": kdkit.__version__, "git_commit": commit, "torch_version": str(torch.__version__),
+            "timm_version": str(timm.__version__), "recipe_hash": recipe_hash}

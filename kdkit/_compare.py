@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kdkit
-from kdkit.errors import KdkitError, did_you_mean
-from kdkit.recipe import Recipe, load_recipe
-from kdkit.rundir import RunDir, default_run_dir
+from kdkit._errors import KdkitError, did_you_mean
+from kdkit._recipe import Recipe, load_recipe
+from kdkit._rundir import RunDir, default_run_dir
 
 MARK = "†"  # a run that its recipe, as it is now, or this kdkit would not reproduce
 
@@ -47,19 +47,21 @@ def recipe_seed(path, overrides=()) -> int:
     return load_recipe(path, list(overrides)).table.get("seed", 0)
 
 
-def run_seeds(recipe_path, seeds, overrides=(), out=None, *, force: bool = False, **options) -> list[Path]:
+def run_seeds(recipe_path, seeds, overrides=(), out=None, *, force: bool = False, resume: bool = False,
+              **options) -> list[Path]:
     """Train the recipe once per seed into sibling directories: ``out/seed<N>``, else ``runs/<name>/seed<N>``.
 
     Every directory is checked before the first seed trains, so a clash cannot surface hours later.
-    ``options`` are ``kdkit.runner.run``'s.
+    ``options`` are ``kdkit._run.run``'s.
     """
-    from kdkit.runner import run
+    from kdkit._run import run
 
     dirs = [Path(out) / f"seed{seed}" if out else default_run_dir(seeded_recipe(recipe_path, overrides, seed))
             for seed in seeds]
-    for path in dirs:
-        RunDir(path).check_writable(force)
-    return [run(recipe_path, seed_overrides(overrides, seed), path, force=force, **options)
+    if not resume:
+        for path in dirs:
+            RunDir(path).check_writable(force)
+    return [run(recipe_path, seed_overrides(overrides, seed), path, force=force, resume=resume, **options)
             for seed, path in zip(seeds, dirs)]
 
 
@@ -73,14 +75,6 @@ class Run:
     summary: dict
     student: str
     flags: list[str]
-
-
-def completed(path: Path) -> bool:
-    """Whether the directory holds a finished run (an unreadable summary counts as unfinished)."""
-    try:
-        return RunDir(path).read_summary().get("status") == "completed"
-    except (OSError, ValueError):
-        return False
 
 
 def _read_summary(rundir: RunDir) -> dict:
@@ -158,21 +152,22 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
                  allow_random_teachers: bool = False, console=None) -> list[Run]:
     """The completed runs behind ``targets``, training first what a recipe argument lacks.
 
-    Only a missing or incomplete run trains (an incomplete one is overwritten); every recipe to
-    train is validated and every directory checked before the first one starts.
+    Only a missing or unfinished run trains: one with a checkpoint resumes, one without starts over.
+    Every recipe to train is validated and every directory checked before the first one starts.
     """
-    from kdkit.build import resolve
-    from kdkit.runner import run
+    from kdkit._experiment import resolve
+    from kdkit._run import run
 
     plans = plan_runs(targets, seeds, overrides, runs_root)
-    todo = [p for p in plans if p.recipe is not None and not completed(p.path)]
+    todo = [p for p in plans if p.recipe is not None and RunDir(p.path).status() != "completed"]
     for plan in todo:
         resolve(plan.recipe, allow_random_teachers=allow_random_teachers)
         rundir = RunDir(plan.path)
         rundir.check_writable(force=rundir.summary.is_file())  # only a kdkit run is ever overwritten
     for plan in todo:
-        run(plan.recipe.path, plan.overrides, plan.path, force=True, allow_random_teachers=allow_random_teachers,
-            console=console)
+        resume = RunDir(plan.path).last.is_file()
+        run(plan.recipe.path, plan.overrides, plan.path, force=not resume, resume=resume,
+            allow_random_teachers=allow_random_teachers, progress=console is not None, console=console)
     return [load_run(p.path, p.expected_hash) for p in plans]
 
 

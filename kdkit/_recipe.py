@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from kdkit.errors import RecipeError
+from kdkit._errors import RecipeError
 
 # Keys whose string values are file paths, resolved against the recipe that wrote them.
 PATH_KEYS = {("data", "root"), ("data", "classes"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe")}
@@ -239,3 +239,25 @@ def _value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def diff_tables(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every leaf that differs (a missing side shows as ``(unset)``)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    unset = "(unset)"
+    return [f"{key}: {_value(flat_old[key]) if key in flat_old else unset} -> "
+            f"{_value(flat_new[key]) if key in flat_new else unset}"
+            for key in sorted(flat_old.keys() | flat_new.keys()) if flat_old.get(key, unset) != flat_new.get(key, unset)]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif _is_table_list(value):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    out = {}
+    for key, sub in items:
+        out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out

@@ -3,8 +3,8 @@
 Per-head top-1 and KL(teacher || head) (batchmean, tau 1) between every head and every teacher:
 the paper's Table 4, which shows each distillation token taking after its own teacher. And a figure
 of teachers' and heads' class probabilities on a few validation images (the paper's Figure 1).
-Everything is rebuilt the way the run built it (same recipe, data, seed), through the runner's own
-helpers, so the numbers are the run's.
+Everything is rebuilt the way the run built it (same recipe, data, seed), by the same builders as
+``kdkit run``, so the numbers are the run's.
 """
 from __future__ import annotations
 
@@ -14,19 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 
-from kdkit import export
-from kdkit.build import Experiment, default_device, resolve
-from kdkit.data import build_loaders
-from kdkit.engine import autocast
-from kdkit.errors import KdkitError
-from kdkit.model import DistillModel, combine
-from kdkit.plugins import default_plugins
-from kdkit.recipe import load_recipe
-from kdkit.rundir import RunDir
-from kdkit.runner import Parts, build_parts, ensure_teachers
+from kdkit import _export as export
+from kdkit._engine import autocast
+from kdkit._errors import KdkitError
+from kdkit._experiment import Experiment, resolve
+from kdkit._model import DistillModel, combine
+from kdkit._parts import Parts, build_parts, build_teachers, default_device
+from kdkit._plugins import default_plugins
+from kdkit._recipe import load_recipe
+from kdkit._run import ensure_teachers
+from kdkit._rundir import RunDir
 
 
 @dataclass
@@ -46,14 +45,11 @@ class Rebuilt:
             heads = self.model(images)
         heads = {name: value.float() for name, value in heads.items()}
         heads["eval"] = combine(heads, self.model.eval_heads)
-        splits = self.parts.splits
-        mean = torch.tensor(splits.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(splits.std, device=self.device).view(1, -1, 1, 1)
+        mean, std = self.parts.normalization(self.device)
         return heads, {name: t.logits(images, mean, std) for name, t in self.parts.teachers.items()}
 
 
-def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=None,
-            console: Console | None = None) -> Rebuilt:
+def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=None) -> Rebuilt:
     """Rebuild what the run trained with; teachers without weights need ``allow_random_teachers``.
 
     Random teachers (smoke tests) come out identical to the run's: the parts are built after
@@ -72,10 +68,11 @@ def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=
     if random and not allow_random_teachers:
         raise KdkitError(f"{run_dir}: the run used random teachers (no weights for {', '.join(map(repr, random))}); "
                          "--allow-random-teachers rebuilds the same random teachers from the run's seed")
-    ensure_teachers(exp, train_teachers=False, console=console or Console(stderr=True))
+    ensure_teachers(exp, train_teachers=False)
     device = device or default_device()
     torch.manual_seed(exp.seed)
     parts = build_parts(exp, plugins, device)
+    parts.teachers = build_teachers(exp, plugins, parts, device)
     model = export.load(rundir.export, plugins).to(device)
     if model.meta["class_names"] != list(parts.splits.class_names):
         raise KdkitError(f"{run_dir}: the student was trained on other classes than the recipe's data now has")
@@ -99,9 +96,7 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(rebuilt: Rebuilt) -> Evaluation:
     """One pass over the validation set, exactly as the run's per-epoch evaluation batches it."""
-    exp, parts = rebuilt.exp, rebuilt.parts
-    loader = build_loaders(parts.train_set, parts.val_set, exp.data, batch_size=exp.train.batch_size,
-                           seed=exp.seed).val
+    loader = rebuilt.parts.loaders.val
     head_hits: dict[str, int] = defaultdict(int)
     teacher_hits: dict[str, int] = defaultdict(int)
     kl: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

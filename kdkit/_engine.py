@@ -1,0 +1,323 @@
+"""The one place a run happens: ``Trainer.fit`` trains, evaluates and keeps best and last.
+
+Follow one batch: ``train_epoch`` takes it from the loader, ``train_step`` mixes it, splits it into
+micro-batches, computes every loss term (``losses``) with the teachers seeing exactly the student's
+batch, and steps the optimizer and the schedule. Follow one epoch: ``fit`` calls ``train_epoch``,
+then ``end_epoch`` evaluates, updates best/last and calls the ``kdkit_epoch_end`` hook, where the
+built-in callbacks append the metrics line and write the checkpoints. This module is the only code
+that changes ``TrainState``; every side effect (progress, files, checkpoints, export) is a plugin
+on the lifecycle hooks of ``kdkit._hookspecs``.
+
+Randomness (augmentation, mixing, drop-path) is a function of (seed, epoch, sample or step), so a
+resumed run, given the state a checkpoint holds, continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from kdkit._config import TrainConfig
+from kdkit._data import Targets, sample_seed
+from kdkit._errors import KdkitError, RunFailed, RunInterrupted
+from kdkit._experiment import Experiment
+from kdkit._model import DistillModel, combine
+from kdkit._parts import Parts
+from kdkit._rundir import RunDir
+
+DROP_PATH_STREAM = 0x64726F70  # "drop": the per-step seed of drop-path and dropout
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training: what a checkpoint saves and a resume restores.
+
+    The learning-rate schedule is not saved: it is a function of the recipe and ``step``, rebuilt on
+    resume. No random generator state is saved either: every random draw is seeded from
+    (seed, epoch, sample or step).
+    """
+
+    model: DistillModel
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer updates so far
+    batch: int = 0  # batches trained in the unfinished epoch
+    sums: dict[str, float] = field(default_factory=dict)  # that epoch's sums of the logged values
+    seen: int = 0  # images trained on in that epoch
+    train_s: float = 0.0  # seconds spent training in that epoch
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
+
+    PLAIN = ("epoch", "step", "batch", "sums", "seen", "train_s", "best_top1", "best_epoch", "history")
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **{key: getattr(self, key) for key in self.PLAIN}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore weights, optimizer moments and counters; the optimizer's hyperparameters stay the recipe's."""
+        self.model.load_state_dict(state["model"])
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = state["optimizer"]["state"]
+        self.optimizer.load_state_dict(optimizer)
+        for key in self.PLAIN:
+            setattr(self, key, state[key])
+
+
+def create_optimizer(model: DistillModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on norms, biases and the student's ``no_weight_decay()``."""
+    return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum)
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Warmup then cosine, stepped per optimizer update (timm's scheduler, as DeiT uses it)."""
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
+def autocast(device: torch.device, precision: str):
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere; ``bf16`` everywhere; ``fp32`` never."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the run to stop after the current step; a second one exits at once.
+
+    Only the main thread can install signal handlers; elsewhere signals keep their default effect.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)  # everything on disk was written atomically: nothing is torn
+        self.signum = signum
+
+
+class _Stop(Exception):
+    """Raised inside ``fit`` once a requested stop has been reached at a step boundary."""
+
+
+class Trainer:
+    """One run of ``exp``: its parts, state, the run directory and the summary it keeps.
+
+    ``hook`` is the plugin manager's hook relay (every plugin and the run's callbacks). Plugins read
+    ``state``, ``summary``, ``rundir``, ``export_meta`` and ``resumed``; they never change the state.
+    """
+
+    def __init__(self, exp: Experiment, parts: Parts, *, device: torch.device, rundir: RunDir, hook,
+                 summary: dict):
+        self.exp, self.parts, self.cfg, self.device = exp, parts, exp.train, device
+        self.rundir, self.hook, self.summary = rundir, hook, summary
+        self.export_meta = parts.export_meta
+        self.steps_per_epoch = len(parts.loaders.train)
+        self.state = TrainState(parts.model, create_optimizer(parts.model, self.cfg))
+        self.scheduler = create_schedule(self.state.optimizer, self.cfg, self.steps_per_epoch)
+        self.scheduler.step_update(0)
+        self.targets = Targets(exp.augment, parts.splits.num_classes, exp.seed)
+        self.mean, self.std = parts.normalization(device)
+        self.resumed = False
+        self.stop = StopOnSignal()
+        self.clock = (time.perf_counter(), 0.0)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict:
+        """The whole training state, the summary, and every plugin's ``kdkit_state_dict`` entries."""
+        extra = {}
+        for part in self.hook.kdkit_state_dict(trainer=self):
+            clash = extra.keys() & part.keys()
+            if clash:
+                raise KdkitError(f"two plugins keep checkpoint state under {sorted(clash)}")
+            extra.update(part)
+        return {**self.state.state_dict(), "summary": self.summary, "plugins": extra}
+
+    def resume(self, checkpoint: dict) -> None:
+        """Continue from ``checkpoint`` (made by ``checkpoint()``), in the middle of an epoch or at its end."""
+        self.state.load_state_dict(checkpoint)
+        self.scheduler.step_update(self.state.step)
+        self.hook.kdkit_load_state_dict(trainer=self, state=checkpoint["plugins"])
+        self.resumed = True
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train the remaining epochs, calling the lifecycle hooks; raises ``RunInterrupted`` on a signal."""
+        status = "failed"
+        self.clock = (time.perf_counter(), self.summary.get("wall_s") or 0.0)
+        try:
+            with self.stop:
+                self.summary["status"] = "running"
+                self.hook.kdkit_run_start(trainer=self)
+                for epoch in range(self.state.epoch, self.cfg.epochs):
+                    self.train_epoch(epoch)
+                    self.end_epoch(epoch)
+                    if self.stop.signum is not None:
+                        raise _Stop
+                status = "completed"
+        except _Stop:
+            status = "interrupted"
+            name = signal.Signals(self.stop.signum).name
+            raise RunInterrupted(f"{name}: stopped at epoch {self.state.epoch + 1}, step {self.state.batch} of "
+                                 f"{self.steps_per_epoch}; resume with --resume", self.stop.signum) from None
+        finally:
+            self.summary.update(status=status, wall_s=self.wall_s)
+            self.hook.kdkit_run_end(trainer=self, status=status)
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds this run has taken so far, over every session that resumed it."""
+        start, before = self.clock
+        return round(before + time.perf_counter() - start, 2)
+
+    def train_epoch(self, epoch: int) -> None:
+        """Train the epoch's remaining batches (all of them, unless resumed in its middle)."""
+        state = self.state
+        state.model.train()
+        self.parts.loaders.sampler.set_epoch(epoch, skip=state.batch * self.cfg.batch_size)
+        last = time.perf_counter()
+        for images, labels in self.parts.loaders.train:
+            logged = self.train_step(images, labels, epoch)
+            now = time.perf_counter()
+            state.batch, state.seen, state.train_s = state.batch + 1, state.seen + len(labels), state.train_s + now - last
+            for key, value in logged.items():
+                state.sums[key] = state.sums.get(key, 0.0) + value
+            self.hook.kdkit_step_end(trainer=self, logged=logged)
+            if self.stop.signum is not None:
+                raise _Stop
+            last = time.perf_counter()
+
+    def end_epoch(self, epoch: int) -> None:
+        """Evaluate, count the epoch, keep best/last, and hand the metrics row to the hooks."""
+        state = self.state
+        top1, infer_speed = self.evaluate()
+        for extra in self.hook.kdkit_evaluate(trainer=self):
+            clash = top1.keys() & extra.keys()
+            if clash:
+                raise KdkitError(f"a plugin's kdkit_evaluate reports {sorted(clash)}, which the run already has")
+            top1.update(extra)
+        row = {"epoch": epoch + 1, "lr": self.lr, "train": {k: v / state.batch for k, v in state.sums.items()},
+               "top1": top1, "images_per_s": state.seen / state.train_s if state.train_s else 0.0,
+               "wall_s": state.train_s}
+        state.epoch, state.batch, state.sums, state.seen, state.train_s = epoch + 1, 0, {}, 0, 0.0
+        state.history.append(row)
+        if top1["eval"] > state.best_top1:
+            state.best_top1, state.best_epoch = top1["eval"], epoch + 1
+        speeds = [r["images_per_s"] for r in state.history]
+        self.summary.update(epochs=state.epoch, top1=top1, best_top1=state.best_top1, best_epoch=state.best_epoch,
+                            infer_images_per_s=infer_speed, train_images_per_s=sum(speeds) / len(speeds),
+                            wall_s=self.wall_s)
+        self.hook.kdkit_epoch_end(trainer=self, row=row)
+
+    @property
+    def lr(self) -> float:
+        return self.state.optimizer.param_groups[0]["lr"]
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, float]:
+        """One optimizer update; the batch is split into ``accum_steps`` micro-batches, all terms kept."""
+        state, cfg = self.state, self.cfg
+        torch.manual_seed(sample_seed(self.exp.seed, epoch, state.step, DROP_PATH_STREAM))
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        mixed, target = self.targets(images, labels, epoch=epoch, step=state.step)
+        totals: dict[str, float] = defaultdict(float)
+        for chunk in zip(*(t.chunk(cfg.accum_steps) for t in (mixed, target, labels))):
+            loss, values = self.losses(*chunk)
+            self.check_finite(values, epoch)
+            (loss / cfg.accum_steps).backward()
+            totals["loss"] += loss.item() / cfg.accum_steps
+            for name, value in values.items():
+                totals[name] += value.item() / cfg.accum_steps
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.scheduler.step_update(state.step)
+        return dict(totals)
+
+    def losses(self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor):
+        """Total loss and each weighted term, for one (micro-)batch."""
+        with autocast(self.device, self.cfg.precision):
+            logits = self.state.model(images)
+        teacher_logits = {name: self.parts.teachers[name].logits(images, self.mean, self.std)
+                          for name in self.parts.needed_teachers}
+        values = {}
+        for term in self.parts.terms:
+            value = term.fn(logits[term.head], target=target, labels=labels,
+                            teacher_logits=[teacher_logits[t] for t in term.teachers])
+            values[term.name] = term.weight * value
+        return sum(values.values()), values
+
+    def check_finite(self, values: dict[str, torch.Tensor], epoch: int) -> None:
+        """Stop at the first non-finite loss term, before it reaches the weights."""
+        for name, value in values.items():
+            if not math.isfinite(value.item()):
+                raise RunFailed(f"the loss term {name!r} is {value.item()} at epoch {epoch + 1}, step "
+                                f"{self.state.batch + 1} of {self.steps_per_epoch} (optimizer step "
+                                f"{self.state.step + 1}); the run stops, its last good checkpoint is kept")
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: DistillModel | None = None) -> tuple[dict[str, float], float]:
+        """Validation top-1 (%) per head and for the eval prediction (``eval``), and inference images/s.
+
+        ``model`` defaults to the trained one; a plugin may pass another with the same heads (an EMA copy).
+        """
+        model = self.state.model if model is None else model
+        was_training = model.training
+        model.eval()
+        correct: dict[str, int] = defaultdict(int)
+        total, elapsed = 0, 0.0
+        for images, labels in self.parts.loaders.val:
+            images, labels = images.to(self.device), labels.to(self.device)
+            start = time.perf_counter()
+            with autocast(self.device, self.cfg.precision):
+                logits = model(images)
+            logits["eval"] = combine(logits, model.eval_heads)
+            elapsed += time.perf_counter() - start
+            for name, value in logits.items():
+                correct[name] += (value.argmax(-1) == labels).sum().item()
+            total += len(labels)
+        model.train(was_training)
+        return {k: 100.0 * v / total for k, v in correct.items()}, (total / elapsed if elapsed else 0.0)
+
+    @torch.no_grad()
+    def evaluate_teacher(self, name: str) -> float:
+        """Validation top-1 (%) of one teacher, on the inputs it gets during training."""
+        correct = total = 0
+        for images, labels in self.parts.loaders.val:
+            images, labels = images.to(self.device), labels.to(self.device)
+            logits = self.parts.teachers[name].logits(images, self.mean, self.std)
+            correct += (logits.argmax(-1) == labels).sum().item()
+            total += len(labels)
+        return 100.0 * correct / total

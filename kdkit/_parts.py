@@ -1,0 +1,193 @@
+"""Building what a checked ``Experiment`` describes: data, loaders, the student and its heads, teachers.
+
+Shared by ``kdkit run``, ``kdkit eval``, ``kdkit.build_model`` and the tests. Building is the second
+half of checking: it reads the data and the weights, so it refuses with a ``KdkitError`` what only
+they can tell (a training set smaller than one batch, a student whose outputs do not match its
+declared embeddings, weights that do not fit, a teacher with the wrong number of classes). It
+writes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kdkit import _export as export
+from kdkit._checkpoint import load_weights
+from kdkit._config import default_data_root
+from kdkit._data import DatasetSplits, Loaders, build_loaders, split_datasets
+from kdkit._errors import KdkitError
+from kdkit._experiment import Experiment, check_heads
+from kdkit._model import DistillModel, Predictor, build_distill_model
+from kdkit._plugins import Plugins, default_plugins
+from kdkit._schema import check_table
+from kdkit._teacher import Teacher
+
+
+@dataclass
+class LossTerm:
+    """One weighted entry of ``[[losses]]``: a loss on one head, taught by zero or more teachers."""
+
+    name: str
+    fn: object
+    head: str
+    teachers: list[str]
+    weight: float
+
+
+@dataclass
+class Parts:
+    """Everything built from an experiment; ``teachers`` is filled by ``build_teachers``."""
+
+    splits: DatasetSplits
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    loaders: Loaders
+    model: DistillModel
+    terms: list[LossTerm]
+    export_meta: dict
+    teachers: dict[str, Teacher] = field(default_factory=dict)
+
+    @property
+    def needed_teachers(self) -> list[str]:
+        return sorted({t for term in self.terms for t in term.teachers})
+
+    def normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data's mean and std as (1, C, 1, 1) tensors: what teachers re-normalize from."""
+        return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (self.splits.mean, self.splits.std))
+
+
+def build_parts(exp: Experiment, plugins: Plugins, device: torch.device) -> Parts:
+    """Data, loaders, the student with its heads and the loss terms, checked by a one-image forward."""
+    data = exp.data
+    splits = exp.dataset.build(plugins, root=data.root or default_data_root(), image_size=data.image_size,
+                               augment=exp.augment, num_classes=data.num_classes)
+    train_set, val_set = split_datasets(splits, data)
+    loaders = build_loaders(train_set, val_set, data, batch_size=exp.train.batch_size, seed=exp.seed,
+                            repeats=exp.augment.repeated_aug)
+    if len(loaders.train) == 0:
+        raise exp.recipe.error("train.batch_size", f"the training set has {len(train_set)} images, fewer than "
+                               f"one batch of {exp.train.batch_size} (see data.limit_train and data.val_split)")
+    if len(val_set) == 0:
+        raise exp.recipe.error("data.limit_val", "the validation set is empty")
+
+    context = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=data.image_size)
+    student_kwargs = exp.student.call_kwargs(plugins, **context)
+    student = plugins.get("student", exp.student.plugin)(**student_kwargs)
+    dims = getattr(student, "embedding_dims", None)
+    if not isinstance(dims, dict) or not dims:
+        raise KdkitError(f"student plugin {exp.student.plugin!r} breaks the student contract: its module "
+                         "needs an 'embedding_dims' dict naming each embedding it returns and its size")
+    heads = {name: {"plugin": h.spec.plugin, "embedding": h.embedding,
+                    "kwargs": h.spec.call_kwargs(plugins, in_features=dims[h.embedding],
+                                                 num_classes=splits.num_classes)}
+             for name, h in check_heads(exp, dims).items()}
+    model = build_distill_model(plugins, student, heads, exp.eval.heads).to(device)
+    probe_student(model, exp.student.plugin, val_set[0][0], splits.num_classes)
+
+    terms = [LossTerm(loss.term, loss.fn, loss.head, loss.teachers, loss.weight) for loss in exp.losses]
+    export_meta = {
+        "name": exp.name,
+        "student": {"plugin": exp.student.plugin, "kwargs": student_kwargs},
+        "heads": heads,
+        "eval": {"heads": exp.eval.heads},
+        "class_names": list(splits.class_names),
+        "num_classes": splits.num_classes,
+        "in_chans": splits.in_chans,
+        "image_size": data.image_size,
+        "mean": list(splits.mean),
+        "std": list(splits.std),
+    }
+    return Parts(splits, train_set, val_set, loaders, model, terms, export_meta)
+
+
+@torch.no_grad()
+def probe_student(model: DistillModel, plugin: str, image: torch.Tensor, num_classes: int) -> None:
+    """One image through the student (eval mode) and its heads: the outputs must match what they declare."""
+    x = image.unsqueeze(0).to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.student(x)
+        if not isinstance(features, dict):
+            raise KdkitError(f"student plugin {plugin!r} breaks the student contract: forward must return a dict "
+                             f"of named embeddings, got {type(features).__name__}")
+        for name, dim in model.student.embedding_dims.items():
+            value = features.get(name)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (1, dim):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else "nothing"
+                raise KdkitError(f"student plugin {plugin!r} declares embedding {name!r} of size {dim} but returns "
+                                 f"{got} for one image (expected (1, {dim}))")
+        for name, head in model.heads.items():
+            logits = head(features[model.embeddings[name]])
+            if tuple(logits.shape) != (1, num_classes):
+                raise KdkitError(f"heads.{name}: gives {tuple(logits.shape)} for one image, expected (1, "
+                                 f"{num_classes}): one logit per class")
+    finally:
+        model.train(was_training)
+
+
+def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torch.device) -> dict[str, Teacher]:
+    """The teachers the losses name (every ``recipe`` teacher already trained), each checked on one image."""
+    image = parts.val_set[0][0].unsqueeze(0).to(device)
+    teachers = {}
+    for name in parts.needed_teachers:
+        teacher = build_teacher(exp, name, plugins, parts.splits, device)
+        logits = teacher.logits(image, *parts.normalization(device))
+        if tuple(logits.shape) != (1, parts.splits.num_classes):
+            raise exp.recipe.error(f"teachers.{name}", f"the teacher gives {tuple(logits.shape)} for one image, "
+                                   f"expected (1, {parts.splits.num_classes}): one logit per class of the data")
+        teachers[name] = teacher
+    return teachers
+
+
+def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetSplits,
+                  device: torch.device) -> Teacher:
+    spec = exp.teachers[name]
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+    if spec.spec is None:  # a kdkit export: its own model, normalization and class list
+        trained = export.load(spec.checkpoint, plugins)
+        meta = trained.meta
+        if meta["class_names"] != list(splits.class_names):
+            raise exp.recipe.error(f"teachers.{name}.checkpoint", "the teacher was trained on other classes "
+                                   f"(or in another order) than this dataset's: {meta['class_names'][:5]}...")
+        return Teacher(Predictor(trained), mean=meta["mean"], std=meta["std"],
+                       input_size=meta["image_size"], bf16=bf16).to(device)
+    context = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=exp.data.image_size)
+    if spec.pretrained:
+        context["pretrained"] = True
+    model = spec.spec.build(plugins, **context)
+    if spec.checkpoint:
+        load_weights(model, spec.checkpoint)
+    if spec.pretrained:  # timm's pretrained_cfg says how the weights expect their input
+        size = getattr(model, "pretrained_cfg", {}).get("input_size", (0, exp.data.image_size))[-1]
+        return Teacher(model, input_size=size, bf16=bf16).to(device)
+    return Teacher(model, mean=splits.mean, std=splits.std, bf16=bf16).to(device)
+
+
+def build_model(kind: str, plugins: Plugins | None = None, **table) -> nn.Module:
+    """Build a student or teacher from a recipe table (``plugin`` plus its keys, ``checkpoint``...)."""
+    plugins = plugins or default_plugins()
+    if kind not in ("student", "teacher"):
+        raise KdkitError(f"kind must be 'student' or 'teacher', got {kind!r}")
+    checkpoint = table.pop("checkpoint", "")
+    pretrained = table.pop("pretrained", False)
+    table.pop("precision", None)
+    if checkpoint and export.is_export(checkpoint):
+        return export.load(checkpoint)
+    name = table.pop("plugin", None)
+    if name is None:
+        raise KdkitError(f"build_model({kind!r}) needs plugin= (one of {', '.join(plugins.names(kind))})")
+    factory = plugins.get(kind, name)
+    kwargs = check_table(factory, table, kind=kind, file=None, key=kind)
+    if pretrained:
+        kwargs["pretrained"] = True
+    model = factory(**kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,149 @@
+"""``kdkit run``: check a recipe, build its parts, train missing teachers, then hand over to ``Trainer.fit``.
+
+Nothing is written until every check has passed: the recipe (``_experiment``), the data, the
+student's one-image forward and the teachers' weights (``_parts``), the teachers' validation
+accuracy, and the run directory (empty, or resumable with the same recipe and teachers).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from kdkit._checkpoint import load_checkpoint
+from kdkit._config import RUN_CALLBACKS, cache_root
+from kdkit._engine import Trainer
+from kdkit._errors import KdkitError
+from kdkit._experiment import Experiment, resolve
+from kdkit._flops import count_flops
+from kdkit._parts import Parts, build_parts, build_teachers, default_device
+from kdkit._plugins import Plugins, default_plugins
+from kdkit._recipe import Recipe, diff_tables, load_recipe
+from kdkit._rundir import RunDir, default_run_dir, provenance
+from kdkit._teacher import weights_hash
+
+
+class TeacherWarning(UserWarning):
+    """A teacher looks wrong (near chance on validation) but the run goes on."""
+
+
+def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: bool = False,
+        allow_changes: bool = False, allow_random_teachers: bool = False, train_teachers: bool = True,
+        progress: bool = False, console=None) -> Path:
+    """Check, build and train one recipe (its missing teachers first); returns the run directory.
+
+    ``resume`` continues the run in ``out`` from its last checkpoint; a recipe or teacher weights that
+    differ from the run's are refused unless ``allow_changes``. ``progress`` adds the progress display;
+    ``console`` (a rich Console) receives messages about teachers being trained; otherwise nothing prints.
+    """
+    plugins = default_plugins()
+    recipe = load_recipe(recipe_path, list(overrides))
+    exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
+    rundir = RunDir(out or default_run_dir(recipe))
+    checkpoint = resumable_checkpoint(rundir, recipe, allow_changes) if resume else None
+    if checkpoint is None:
+        rundir.check_writable(force)
+    device = default_device()
+    torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
+    parts = build_parts(exp, plugins, device)
+    with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
+        ensure_teachers(exp, train_teachers=train_teachers, progress=progress, console=console)
+    parts.teachers = build_teachers(exp, plugins, parts, device)
+    callbacks = build_callbacks(exp, plugins, progress)
+    fixed = facts(exp, parts, recipe)
+    summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
+    trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary)
+    if checkpoint is None:
+        summary["teacher_top1"] = evaluate_teachers(trainer)
+        rundir.create(recipe.to_toml())
+    else:
+        check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
+        rundir.write_recipe(recipe.to_toml())
+    with plugins.joined(callbacks):
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        trainer.fit()
+    return rundir.path
+
+
+def resumable_checkpoint(rundir: RunDir, recipe: Recipe, allow_changes: bool) -> dict:
+    """The run's ``last.pt``, after checking that the recipe is the run's (or that changes are allowed)."""
+    if not rundir.recipe.is_file():
+        raise KdkitError(f"{rundir.path}: nothing to resume (no run directory with a recipe.toml there)")
+    if not rundir.last.is_file():
+        raise KdkitError(f"{rundir.path}: nothing to resume: the run stopped before its first checkpoint "
+                         "(start it again with --force)")
+    changes = diff_tables(load_recipe(rundir.recipe).table, recipe.table)
+    if changes and not allow_changes:
+        raise KdkitError(f"{rundir.recipe}: the recipe differs from the run's; --allow-changes resumes anyway. "
+                         f"Changed: {'; '.join(changes)}")
+    return load_checkpoint(rundir.last)
+
+
+def check_teachers_unchanged(rundir: RunDir, checkpoint: dict, hashes: dict[str, str], allow_changes: bool) -> None:
+    before = checkpoint["summary"].get("teacher_hashes", {})
+    changed = sorted(name for name in before.keys() | hashes.keys() if before.get(name) != hashes.get(name))
+    if changed and not allow_changes:
+        raise KdkitError(f"{rundir.path}: the weights of teacher(s) {', '.join(changed)} differ from the ones the "
+                         "run was trained with; --allow-changes resumes anyway")
+
+
+# The summary's values before the first epoch; training and the engine update them.
+STARTING = {"status": "running", "epochs": 0, "top1": {}, "best_top1": None, "best_epoch": None, "teacher_top1": {},
+            "train_images_per_s": None, "infer_images_per_s": None, "wall_s": 0.0}
+
+
+def facts(exp: Experiment, parts: Parts, recipe: Recipe) -> dict:
+    """What the summary says about the run that training does not change (recomputed on resume)."""
+    return {
+        "name": exp.name, "seed": exp.seed, "params": parts.model.eval_parameters(),
+        "flops": count_flops(parts.model, parts.splits.in_chans, exp.data.image_size),
+        "teacher_hashes": {name: weights_hash(t.model) for name, t in parts.teachers.items()},
+        **provenance(recipe.hash()),
+    }
+
+
+def evaluate_teachers(trainer: Trainer) -> dict[str, float]:
+    """Each teacher's validation top-1 (%); one near chance is flagged (wrong weights, normalization, classes?)."""
+    chance = 100.0 / trainer.parts.splits.num_classes
+    top1 = {}
+    for name in trainer.parts.teachers:
+        top1[name] = trainer.evaluate_teacher(name)
+        if top1[name] < 2 * chance:
+            warnings.warn(f"teacher {name!r} is near chance on validation: {top1[name]:.2f}% (chance "
+                          f"{chance:.2f}%). Wrong weights, input normalization or class order?", TeacherWarning,
+                          stacklevel=2)
+    return top1
+
+
+def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool) -> dict[str, object]:
+    """Every run's callbacks (files, checkpoints, export), the progress display if asked, and the recipe's."""
+    names = [*RUN_CALLBACKS, *(["progress"] if progress else [])]
+    callbacks = {name: plugins.get("callback", name)() for name in names if name not in exp.callbacks}
+    callbacks.update({name: spec.build(plugins) for name, spec in exp.callbacks.items()})
+    return callbacks
+
+
+def teacher_run_dir(recipe: Recipe) -> Path:
+    """Where the teacher trained by ``recipe`` is cached: keyed by the resolved teacher recipe."""
+    return cache_root() / "teachers" / f"{recipe.table['name']}-{recipe.hash()}"
+
+
+def ensure_teachers(exp: Experiment, *, train_teachers: bool, progress: bool = False, console=None) -> None:
+    """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run."""
+    for name, spec in exp.teachers.items():
+        if spec.recipe is None:
+            continue
+        out = teacher_run_dir(spec.recipe)
+        rundir = RunDir(out)
+        if rundir.status() != "completed":
+            if not train_teachers:
+                raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
+                                       "or unfinished); run without --no-train-teachers to train it")
+            resume = rundir.last.is_file()
+            if console is not None:
+                console.print(f"[bold]{'resuming' if resume else 'training'} teacher {name!r}[/] from "
+                              f"{spec.recipe.path} in {out}")
+            run(spec.recipe.path, out=out, force=not resume, resume=resume, progress=progress, console=console)
+        spec.checkpoint = str(out)

@@ -1,0 +1,31 @@
+"""The published plugin API: everything a kdkit plugin may use, built-in or third-party.
+
+Plugins import this module and nothing else of kdkit (the built-in ones are held to it by a test);
+every other core module is private (its name starts with an underscore) and may change.
+
+- hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
+  hooks of ``kdkit._hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
+- errors: raise ``KdkitError`` for bad input (exit 2) and ``RunFailed`` when a run cannot go on (exit 1).
+- data: ``DatasetSplits`` (what a dataset plugin returns), ``build_transforms`` and
+  ``AugmentConfig`` (so ``[augment]`` applies), ``cache_root`` and ``default_data_root``.
+- models and losses: ``PooledStudent`` (a CNN's pooled features as the student embedding
+  ``pool``), ``teacher_log_probs`` (several teachers combined, as ``kl`` does it).
+- runs, for callbacks: ``Trainer`` (what lifecycle hooks receive), ``RunDir`` (the run directory's
+  paths and atomic writers), ``save_checkpoint`` and ``save_export``.
+"""
+from kdkit._checkpoint import save_checkpoint
+from kdkit._config import AugmentConfig, cache_root, default_data_root
+from kdkit._data import DatasetSplits, build_transforms
+from kdkit._engine import Trainer
+from kdkit._errors import KdkitError, RunFailed, did_you_mean
+from kdkit._export import save as save_export
+from kdkit._hookspecs import hookimpl
+from kdkit._model import PooledStudent
+from kdkit._rundir import RunDir
+from kdkit._teacher import teacher_log_probs
+
+__all__ = [
+    "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "RunDir", "RunFailed", "Trainer",
+    "build_transforms", "cache_root", "default_data_root", "did_you_mean", "hookimpl", "save_checkpoint",
+    "save_export", "teacher_log_probs",
+]

@@ -1,0 +1,44 @@
+"""Callback ``checkpoints``: ``checkpoints/last.pt`` after every epoch and when a signal stops the run,
+``checkpoints/best.pt`` whenever the eval top-1 improves.
+
+Every run uses it. Each file is written atomically, so a checkpoint that cannot be written (a full
+disk, an unwritable folder) leaves the previous one intact and fails the run with a clear message.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdkit import api
+
+
+class Checkpoints:
+    """Writes the trainer's whole state (``Trainer.checkpoint()``) into the run directory."""
+
+    @api.hookimpl
+    def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
+        checkpoint = trainer.checkpoint()
+        save(trainer.rundir.last, checkpoint)
+        if trainer.state.best_epoch == trainer.state.epoch:
+            save(trainer.rundir.best, checkpoint)
+
+    @api.hookimpl
+    def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
+        if status == "interrupted":  # mid-epoch: the state after the last finished step
+            save(trainer.rundir.last, trainer.checkpoint())
+
+
+def save(path: Path, checkpoint: dict) -> None:
+    try:
+        api.save_checkpoint(path, checkpoint)
+    except OSError as exc:
+        raise api.RunFailed(f"cannot write the checkpoint {path}: {exc}; the previous one is intact") from exc
+
+
+def checkpoints() -> Checkpoints:
+    """checkpoints/last.pt every epoch and on a signal, best.pt on a better eval top-1; every run has it."""
+    return Checkpoints()
+
+
+@api.hookimpl
+def kdkit_register_callbacks(registry):
+    registry.register_module("checkpoints", module=checkpoints)

@@ -1,0 +1,38 @@
+"""Callback ``run_files``: the run's record on disk, ``metrics.jsonl`` and ``summary.json``.
+
+Every run uses it. ``metrics.jsonl`` gets one line per completed epoch; a resumed run first rewrites
+it from the checkpoint's history, so lines written after that checkpoint go and every epoch appears
+exactly once. ``summary.json`` is rewritten at every event, last of all when the run ends.
+"""
+from __future__ import annotations
+
+from kdkit import api
+
+
+class RunFiles:
+    """Writes ``metrics.jsonl`` and ``summary.json`` into the run directory."""
+
+    @api.hookimpl
+    def kdkit_run_start(self, trainer: api.Trainer) -> None:
+        if trainer.resumed:
+            trainer.rundir.write_metrics(trainer.state.history)
+        trainer.rundir.write_summary(trainer.summary)
+
+    @api.hookimpl
+    def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
+        trainer.rundir.append_metrics(row)
+        trainer.rundir.write_summary(trainer.summary)
+
+    @api.hookimpl(trylast=True)
+    def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
+        trainer.rundir.write_summary(trainer.summary)  # last: 'completed' means the export is written
+
+
+def run_files() -> RunFiles:
+    """metrics.jsonl (a line per epoch) and summary.json; every run has it."""
+    return RunFiles()
+
+
+@api.hookimpl
+def kdkit_register_callbacks(registry):
+    registry.register_module("run_files", module=run_files)
