@@ -22,10 +22,11 @@ class ProgressDisplay:
     @api.hookimpl
     def kdkit_run_start(self, trainer: api.Trainer) -> None:
         for name, value in trainer.summary["teacher_top1"].items():
-            self.console.print(f"teacher {name!r}: validation top-1 {value:.2f}%")
+            self.console.print(f"teacher {name!r}: validation top-1 {value:.2f}%", soft_wrap=True)
         if trainer.resumed:
             state = trainer.state
-            self.console.print(f"resuming {trainer.rundir.path} at epoch {state.epoch + 1}, step {state.batch}")
+            self.console.print(f"resuming {trainer.rundir.path} at epoch {state.epoch + 1}, step {state.batch}",
+                               soft_wrap=True)
         columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
                    MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
         self.progress = Progress(*columns, console=self.console)

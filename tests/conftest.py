@@ -115,3 +115,24 @@ def make_trainer(recipe_path, overrides=(), init_seed=0) -> Trainer:
     parts.teachers = build_teachers(exp, plugins, parts, cpu)
     return Trainer(exp, parts, device=cpu, rundir=RunDir(recipe_path.parent / "unused"), hook=plugins.manager.hook,
                    summary={})
+
+
+def make_distribution(root, name: str, modules: dict[str, str], entry_points: dict[str, str]):
+    """An installed-looking distribution in ``root``: its modules and a dist-info with entry_points.txt."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"  # the wheel convention: no dash in the name
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[kdkit]\n{lines}\n")
+
+
+def contributing_example(filename: str) -> str:
+    """The code block of CONTRIBUTING.md whose first line is ``# <filename>``: the docs' examples run as tests."""
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    for block in text.split("```python\n")[1:]:
+        code = block.split("```")[0]
+        if code.startswith(f"# {filename}\n"):
+            return code
+    raise LookupError(f"CONTRIBUTING.md has no python block starting with '# {filename}'")

@@ -1,4 +1,5 @@
-"""Every malformed recipe ends in one clear message naming the file and key, exit status 2, no traceback."""
+"""Every malformed recipe ends in one clear message naming the file and key, exit status 2, no traceback,
+and nothing written: no new run directory, and an existing one (even with --force) left as it was."""
 from __future__ import annotations
 
 import pytest
@@ -39,21 +40,47 @@ CASES = [
     (["augment.mixup=lots"], "augment.mixup: expected float, got str 'lots'"),
     (["losses=3"], "losses: expected an array of tables"),
     (["student=3"], "student: expected a table, got int 3"),
+    # found only when the parts are built: still before anything is written
+    (["data.limit_train=8"], "train.batch_size: the training set has 8 images, fewer than one batch of 16"),
+    (["teachers.conv.num_classes=3"], "teachers.conv: the teacher gives (1, 3) for one image, expected (1, 4)"),
+    (['student.model_kwargs={ img_size = 32, global_pool = "" }'],
+     "student plugin 'timm' declares embedding 'pool' of size 64 but returns (1, 5, 64)"),
+    (["callbacks.stopwatch.plugin=timer"], "callbacks.stopwatch.plugin: no callback plugin named 'timer'"),
 ]
 
 
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A run directory that a bad command must leave exactly as it is."""
+    out = tmp_path / "existing"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "summary.json").write_text('{"status": "completed"}\n')
+    (out / "checkpoints" / "last.pt").write_bytes(b"weights")
+    return out
+
+
+def assert_nothing_written(cli, args, message, new_dir, existing_run):
+    """``args`` fail with exit 2 and ``message``, writing neither ``new_dir`` nor into ``existing_run`` (forced)."""
+    for out, extra in ((new_dir, []), (existing_run, ["--force"])):
+        before = snapshot(existing_run)
+        result = cli(*args, "--out", out, *extra)
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert "Traceback" not in result.output
+        assert snapshot(existing_run) == before
+    assert not new_dir.exists()
+
+
 @pytest.mark.parametrize("overrides, message", CASES, ids=[c[1].split(":")[0] for c in CASES])
-def test_bad_recipe(overrides, message, write_recipe, cli, tmp_path):
-    recipe = write_recipe(TWO_TEACHER_RECIPE)
-    out = tmp_path / "out"
-    args = ["run", recipe, "--out", out, "--allow-random-teachers"]
+def test_bad_recipe(overrides, message, write_recipe, cli, tmp_path, existing_run):
+    args = ["run", write_recipe(TWO_TEACHER_RECIPE), "--allow-random-teachers"]
     for override in overrides:
         args += ["-o", override]
-    result = cli(*args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert not out.exists()
+    assert_nothing_written(cli, args, message, tmp_path / "out", existing_run)
 
 
 def test_error_names_the_file_that_set_the_key(write_recipe, cli, tmp_path):
@@ -67,44 +94,36 @@ def test_error_names_the_file_that_set_the_key(write_recipe, cli, tmp_path):
     assert result.exit_code == 2
 
 
-def test_teacher_without_weights_needs_the_flag(write_recipe, cli, tmp_path):
+def test_teacher_without_weights_needs_the_flag(write_recipe, cli, tmp_path, existing_run):
     recipe = write_recipe(TWO_TEACHER_RECIPE)
-    result = cli("run", recipe, "--out", tmp_path / "out")
-    assert result.exit_code == 2
-    assert f"{recipe}: teachers.conv: the teacher has no weights" in result.output
-    assert "--allow-random-teachers" in result.output
+    assert_nothing_written(cli, ["run", recipe], f"{recipe}: teachers.conv: the teacher has no weights",
+                           tmp_path / "out", existing_run)
+    assert "--allow-random-teachers" in cli("run", recipe, "--out", tmp_path / "out").output
 
 
-def test_checkpoint_that_does_not_fit(write_recipe, cli, tmp_path):
+def test_checkpoint_that_does_not_fit(write_recipe, cli, tmp_path, existing_run):
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
-    recipe = write_recipe(TWO_TEACHER_RECIPE)
-    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers",
-                 "-o", f"teachers.conv.checkpoint={bad}")
-    assert result.exit_code == 2
-    assert f"{bad}: weights do not fit the model" in result.output
-    assert not (tmp_path / "out").exists()
+    args = ["run", write_recipe(TWO_TEACHER_RECIPE), "--allow-random-teachers", "-o", f"teachers.conv.checkpoint={bad}"]
+    assert_nothing_written(cli, args, f"{bad}: weights do not fit the model", tmp_path / "out", existing_run)
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "recipe file not found"),
     ("[train\n", "not valid TOML"),
 ])
-def test_unreadable_recipe_files(content, message, tmp_path, cli):
+def test_unreadable_recipe_files(content, message, tmp_path, cli, existing_run):
     path = tmp_path / "r.toml"
     if content is not None:
         path.write_text(content)
-    result = cli("run", path)
-    assert result.exit_code == 2 and f"{path}: {message}" in result.output
+    assert_nothing_written(cli, ["run", path], f"{path}: {message}", tmp_path / "out", existing_run)
 
 
-def test_missing_data_says_where_it_looked(write_recipe, cli, tmp_path):
+def test_missing_data_says_where_it_looked(write_recipe, cli, tmp_path, existing_run):
     recipe = write_recipe(TWO_TEACHER_RECIPE.replace("train_size = 64\nval_size = 32\n", ""))
-    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers",
-                 "-o", "data.dataset=cifar10", "-o", f"data.root={tmp_path / 'nodata'}",
-                 "-o", "data.num_classes=0")
-    assert result.exit_code == 2, result.output
-    assert str(tmp_path / "nodata") in result.output
+    args = ["run", recipe, "--allow-random-teachers", "-o", "data.dataset=cifar10",
+            "-o", f"data.root={tmp_path / 'nodata'}", "-o", "data.num_classes=0"]
+    assert_nothing_written(cli, args, str(tmp_path / "nodata"), tmp_path / "out", existing_run)
 
 
 def test_cli_exit_code_in_a_subprocess(write_recipe, tmp_path):

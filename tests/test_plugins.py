@@ -2,23 +2,13 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
 from kdkit._errors import PluginError
 from kdkit._plugins import Plugins, PluginWarning
 
-
-def make_distribution(root, name: str, modules: dict[str, str], entry_points: dict[str, str]):
-    """An installed-looking distribution: its modules and a dist-info with entry_points.txt."""
-    for module, source in modules.items():
-        (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{name.replace('-', '_')}-1.0.dist-info"  # the wheel convention: no dash in the name
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[kdkit]\n{lines}\n")
+from conftest import make_distribution
 
 
 def test_builtins_register_through_the_entry_point_group():
@@ -88,3 +78,28 @@ def test_plugins_command_lists_kinds_keys_and_distributions(cli):
     assert ("student", "timm") in rows and ("teacher", "timm") in rows
     table = cli("plugins")
     assert table.exit_code == 0 and "linear" in table.stdout
+
+
+def test_builtin_plugins_use_only_the_published_api():
+    """The built-in plugins import ``kdkit.api`` and nothing else of kdkit, as a third-party plugin would."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "plugins").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module != "kdkit" else [f"kdkit.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "kdkit" or name.startswith("kdkit."):
+                    assert name == "kdkit.api", f"{path.name} imports {name}"
+
+
+def test_the_api_exports_what_it_lists():
+    from kdkit import api
+
+    assert all(hasattr(api, name) for name in api.__all__)
+    assert all(not name.startswith("_") for name in api.__all__)

@@ -1,4 +1,7 @@
-"""A third-party plugin package: built in a temp dir, installed with pip --target, found by entry point."""
+"""A third-party plugin package: built in a temp dir, installed with pip --target, found by entry point.
+
+It holds a teacher and a loss written here, and the EMA callback exactly as CONTRIBUTING.md shows it.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +11,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
+
+from conftest import contributing_example
 
 PYPROJECT = """
 [build-system]
@@ -20,6 +26,10 @@ version = "0.1.0"
 
 [project.entry-points.kdkit]
 tiny = "kdkit_tiny"
+ema = "kdkit_ema"
+
+[tool.setuptools]
+py-modules = ["kdkit_tiny", "kdkit_ema"]
 """
 
 MODULE = '''
@@ -83,11 +93,14 @@ teachers = ["tiny"]
 scale = 0.5
 
 [train]
-epochs = 1
+epochs = 2
 batch_size = 16
 
 [eval]
 heads = ["pool"]
+
+[callbacks.ema]
+decay = 0.5
 """
 
 
@@ -99,6 +112,7 @@ def installed(tmp_path_factory):
     source.mkdir()
     (source / "pyproject.toml").write_text(textwrap.dedent(PYPROJECT))
     (source / "kdkit_tiny.py").write_text(MODULE)
+    (source / "kdkit_ema.py").write_text(contributing_example("kdkit_ema.py"))
     target = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
                     "--target", str(target), str(source)], check=True, capture_output=True)
@@ -119,17 +133,24 @@ def test_plugins_lists_the_third_party_names(installed):
     assert rows[("teacher", "tiny_cnn")]["distribution"] == "kdkit-tiny-plugin"
     assert rows[("loss", "logit_mse")]["keys"] == [{"key": "scale", "type": "float", "default": 1.0}]
     assert rows[("loss", "kl")]["distribution"] == "kdkit"
+    assert rows[("callback", "ema")]["keys"] == [{"key": "decay", "type": "float", "default": 0.9998}]
 
 
-def test_a_recipe_uses_the_third_party_teacher_and_loss(installed):
+def test_a_recipe_uses_the_third_party_teacher_loss_and_callback(installed):
     root, env = installed
     (root / "recipe.toml").write_text(RECIPE)
     result = kdkit("run", "recipe.toml", "--out", "out", "--allow-random-teachers", env=env, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads((root / "out" / "metrics.jsonl").read_text().splitlines()[0])
-    assert set(metrics["train"]) == {"loss", "ce/pool", "logit_mse/pool"}
+    rows = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[0]["train"]) == {"loss", "ce/pool", "logit_mse/pool"}
+    assert all(0 <= row["top1"]["ema"] <= 100 for row in rows)  # the EMA model, evaluated every epoch
     summary = json.loads((root / "out" / "summary.json").read_text())
     assert summary["status"] == "completed" and "tiny" in summary["teacher_top1"]
+    assert summary["top1"]["ema"] == rows[-1]["top1"]["ema"]
+    checkpoint = torch.load(root / "out" / "checkpoints" / "last.pt", weights_only=True)
+    ema, model = checkpoint["plugins"]["ema"], checkpoint["model"]
+    assert ema.keys() == model.keys()
+    assert not torch.equal(ema["heads.pool.weight"], model["heads.pool.weight"])  # an average, not a copy
 
 
 def test_the_plugin_is_invisible_without_its_path(installed):
