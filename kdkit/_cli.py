@@ -62,6 +62,7 @@ def output_path(path: Path) -> Path:
 
 
 ALLOW_RANDOM_HELP = "Allow teachers without weights (smoke tests only)."
+ALLOW_WEAK_HELP = "Accept a teacher at most twice chance on validation (a warning instead of an error)."
 
 
 @app.command()
@@ -78,6 +79,7 @@ def run(
     allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept a recipe or teacher "
                                        "weights that differ from the run's (e.g. more train.epochs)."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
+    allow_weak_teachers: bool = typer.Option(False, "--allow-weak-teachers", help=ALLOW_WEAK_HELP),
     no_train_teachers: bool = typer.Option(False, "--no-train-teachers",
                                            help="Fail instead of training a teacher given by a recipe."),
 ):
@@ -89,7 +91,8 @@ def run(
     from kdkit._run import run as run_recipe
 
     options = dict(force=force, resume=resume, allow_changes=allow_changes, allow_random_teachers=allow_random_teachers,
-                   train_teachers=not no_train_teachers, progress=True, console=err)
+                   allow_weak_teachers=allow_weak_teachers, train_teachers=not no_train_teachers, progress=True,
+                   console=err)
     with reported():
         if seeds is None:
             paths = [run_recipe(recipe, override, out, **options)]
@@ -150,35 +153,38 @@ def compare(
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (numbers)."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also write a bar chart PNG of eval top-1."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
+    allow_weak_teachers: bool = typer.Option(False, "--allow-weak-teachers", help=ALLOW_WEAK_HELP),
 ):
     """Compare recipes over seeds: one row per recipe with mean ± std; trains what a recipe argument lacks."""
     from kdkit import _compare as C
 
     with reported():
         found = C.collect_runs(targets, C.parse_seeds(seeds) if seeds else None, override, runs,
-                               allow_random_teachers=allow_random_teachers, console=err)
+                               allow_random_teachers=allow_random_teachers, allow_weak_teachers=allow_weak_teachers,
+                               console=err)
         rows = C.summarize(found)
         differences = C.paired_differences(rows, baseline) if baseline else []
         if markdown:
             output_path(markdown).write_text(C.to_markdown(rows, differences))
         if csv_file:
-            output_path(csv_file).write_text(C.to_csv(rows))
+            output_path(csv_file).write_text(C.to_csv(rows, differences))
         if plot_file:
             C.plot(rows, output_path(plot_file))
-    console = wide_console()
-    console.print(_table(C.HEADERS, [C.cells(row) for row in rows], "eval top-1: last epoch, mean ± std over seeds"))
+    console = Console(width=COMPARE_WIDTH)
+    for table in C.tables(rows, differences):
+        console.print(_table(table))
     for note in C.footnotes(rows):
-        console.print(note, highlight=False)
-    if differences:
-        console.print(_table(C.DIFFERENCE_HEADERS, [C.difference_cells(d) for d in differences],
-                             f"paired differences against {baseline}"))
+        console.print(note, highlight=False, soft_wrap=True)
 
 
-def _table(headers: list[str], body: list[list[str]], title: str) -> Table:
-    table = Table(*headers, title=title)
-    for row in body:
-        table.add_row(*row)
-    return table
+COMPARE_WIDTH = 100  # compare's tables read in a 100-column terminal (or log)
+
+
+def _table(table) -> Table:
+    out = Table(*table.headers, title=table.title)
+    for row in table.body:
+        out.add_row(*row)
+    return out
 
 
 @app.command("eval")

@@ -69,11 +69,11 @@ def run_seeds(recipe_path, seeds, overrides=(), out=None, *, force: bool = False
 
 @dataclass
 class Run:
-    """One completed run directory: its summary, its student in words, and why it may be stale."""
+    """One completed run directory: its summary, its student's settings, and why it may be stale."""
 
     path: Path
     summary: dict
-    student: str
+    student: dict
     flags: list[str]
 
 
@@ -96,7 +96,7 @@ def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
     if not rundir.summary.is_file() or not rundir.recipe.is_file():
         raise KdkitError(f"{path}: not a run directory (it needs summary.json and recipe.toml)")
     summary = _read_summary(rundir)
-    missing = [key for key in ("name", "seed", "status", "top1", "best_top1") if key not in summary]
+    missing = [key for key in ("name", "seed", "status", "top1") if key not in summary]
     missing += [] if "eval" in summary.get("top1", {}) else ["top1.eval"]
     if missing:
         raise KdkitError(f"{rundir.summary}: not a kdkit summary (no {', '.join(missing)})")
@@ -110,13 +110,18 @@ def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
         flags.append(f"recipe hash {summary.get('recipe_hash')}, but the recipe now gives {expected}")
     if summary.get("kdkit_version") != kdkit.__version__:
         flags.append(f"made by kdkit {summary.get('kdkit_version')}, this is kdkit {kdkit.__version__}")
-    return Run(rundir.path, summary, describe_student(recipe.table.get("student", {})), flags)
+    return Run(rundir.path, summary, student_settings(recipe.table.get("student", {})), flags)
 
 
-def describe_student(table: dict) -> str:
-    """``plugin: key=value, ...`` of the student table's scalar settings."""
-    settings = ", ".join(f"{k}={v}" for k, v in table.items() if k != "plugin" and not isinstance(v, (dict, list)))
-    return f"{table.get('plugin', '?')}: {settings}" if settings else str(table.get("plugin", "?"))
+def student_settings(table: dict, prefix: str = "") -> dict:
+    """The student table as flat ``key: value`` settings (nested tables as ``a.b``)."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(student_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @dataclass
@@ -149,7 +154,7 @@ def plan_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs")
 
 
 def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs", *,
-                 allow_random_teachers: bool = False, console=None) -> list[Run]:
+                 allow_random_teachers: bool = False, allow_weak_teachers: bool = False, console=None) -> list[Run]:
     """The completed runs behind ``targets``, training first what a recipe argument lacks.
 
     Only a missing or unfinished run trains: one with a checkpoint resumes, one without starts over.
@@ -167,7 +172,8 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
     for plan in todo:
         resume = RunDir(plan.path).last.is_file()
         run(plan.recipe.path, plan.overrides, plan.path, force=not resume, resume=resume,
-            allow_random_teachers=allow_random_teachers, progress=console is not None, console=console)
+            allow_random_teachers=allow_random_teachers, allow_weak_teachers=allow_weak_teachers,
+            progress=console is not None, console=console)
     return [load_run(p.path, p.expected_hash) for p in plans]
 
 
@@ -188,16 +194,25 @@ def stat(values) -> Stat:
     return Stat(mean, statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
+def test_top1(summary: dict) -> dict[str, float]:
+    """The final student's top-1 on the test split, per head, ``eval`` and ``heads_mean``.
+
+    Runs made before ``test_top1`` existed evaluated on the test split every epoch: their ``top1``.
+    """
+    return summary.get("test_top1") or summary["top1"]
+
+
 @dataclass
 class Row:
-    """One recipe over its seeds."""
+    """One recipe over its seeds: the final students' test top-1 and what they cost."""
 
     name: str
-    student: str
+    student: dict  # the student table's settings (flattened)
     seeds: list[int]
-    eval_by_seed: dict[int, float]  # last-epoch eval top-1, kept per seed for paired differences
-    eval_top1: Stat
-    best_top1: Stat
+    test_by_seed: dict[int, float]  # the eval prediction's test top-1 per seed, for paired differences
+    test: Stat
+    heads_mean: Stat  # the mean of every head's logits (the released code's rule); n = 0 with one head
+    best_val: Stat  # the test top-1 of the epoch the validation split chose; n = 0 without one
     heads: dict[str, Stat]
     teachers: dict[str, Stat]
     params: Stat
@@ -226,30 +241,41 @@ def _row(name: str, runs: list[Run]) -> Row:
         by_seed[seed] = run
     seeds = sorted(by_seed)
     summaries = [by_seed[s].summary for s in seeds]
+    tests = [test_top1(s) for s in summaries]
 
     def over(key):
         return stat(s.get(key) for s in summaries)
 
-    def per_name(key):
-        names = dict.fromkeys(n for s in summaries for n in s.get(key) or {})
-        return {n: stat((s.get(key) or {}).get(n) for s in summaries) for n in names}
+    def per_name(tables):
+        names = dict.fromkeys(n for t in tables for n in t)
+        return {n: stat(t.get(n) for t in tables) for n in names}
 
-    heads = per_name("top1")
-    eval_by_seed = {seed: s["top1"]["eval"] for seed, s in zip(seeds, summaries)}
+    heads = per_name(tests)
+    test, heads_mean = heads.pop("eval"), heads.pop("heads_mean", Stat(None, None, 0))
     flags = [f"{name} seed {seed} ({by_seed[seed].path}): {flag}" for seed in seeds for flag in by_seed[seed].flags]
-    return Row(name, by_seed[seeds[0]].student, seeds, eval_by_seed, heads.pop("eval"), over("best_top1"), heads,
-               per_name("teacher_top1"), over("params"), over("flops"), over("train_images_per_s"),
-               over("infer_images_per_s"), over("wall_s"), flags)
+    return Row(name, by_seed[seeds[0]].student, seeds, {seed: t["eval"] for seed, t in zip(seeds, tests)}, test,
+               heads_mean, over("best_test_top1"), heads, per_name([s.get("teacher_top1") or {} for s in summaries]),
+               over("params"), over("flops"), over("train_images_per_s"), over("infer_images_per_s"), over("wall_s"),
+               flags)
 
 
 @dataclass
 class Difference:
-    """A recipe's eval top-1 minus the baseline's, paired by seed over the seeds both have."""
+    """A recipe's test top-1 minus the baseline's, paired by seed over the seeds both have.
+
+    ``low``/``high``: the 95% Student's t interval of the mean difference; ``p``: the paired t-test's
+    two-sided p-value; ``p_holm``: ``p`` adjusted by Holm's step-down method over every difference
+    of the comparison (None below two pairs).
+    """
 
     name: str
     baseline: str
     diff: Stat
     seeds: list[int]
+    low: float | None = None
+    high: float | None = None
+    p: float | None = None
+    p_holm: float | None = None
 
 
 def paired_differences(rows: list[Row], baseline: str) -> list[Difference]:
@@ -257,20 +283,42 @@ def paired_differences(rows: list[Row], baseline: str) -> list[Difference]:
     if baseline not in by_name:
         raise KdkitError(f"--baseline {baseline!r}: no such recipe in the comparison"
                          f"{did_you_mean(baseline, by_name)}; recipes: {', '.join(by_name)}")
-    base = by_name[baseline].eval_by_seed
+    from scipy import stats
+
+    base = by_name[baseline].test_by_seed
     out = []
     for row in rows:
-        if row.name != baseline:
-            common = sorted(row.eval_by_seed.keys() & base.keys())
-            out.append(Difference(row.name, baseline, stat(row.eval_by_seed[s] - base[s] for s in common), common))
+        if row.name == baseline:
+            continue
+        common = sorted(row.test_by_seed.keys() & base.keys())
+        diffs = [row.test_by_seed[s] - base[s] for s in common]
+        d = Difference(row.name, baseline, stat(diffs), common)
+        if len(diffs) > 1:
+            half = stats.t.ppf(0.975, len(diffs) - 1) * d.diff.std / len(diffs) ** 0.5
+            d.low, d.high = d.diff.mean - half, d.diff.mean + half
+            if d.diff.std > 0:
+                d.p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+            else:  # every pair differs by the same amount: nothing to weigh it against
+                d.p = 1.0 if d.diff.mean == 0 else 0.0
+        out.append(d)
+    for d, adjusted in zip(out, holm([d.p for d in out])):
+        d.p_holm = adjusted
     return out
 
 
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment (family-wise error): the k-th smallest of m p-values is multiplied by
+    m - k + 1, made non-decreasing, capped at 1. Missing p-values stay missing and do not count in m."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for k, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - k) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 # --- output -----------------------------------------------------------------------------------------
-
-HEADERS = ["recipe", "student", "teachers (top-1)", "eval top-1", "best top-1", "heads (top-1)", "params",
-           "FLOPs", "train img/s", "infer img/s", "wall s", "seeds"]
-
 
 def _pm(s: Stat, signed: bool = False) -> str:
     if s.mean is None:
@@ -292,49 +340,99 @@ def _si(s: Stat) -> str:
     return f"{s.mean:.0f}"
 
 
-def _named(stats: dict[str, Stat], sep: str) -> str:
-    return ", ".join(f"{name}{sep}{_number(s, '{:.2f}')}" for name, s in stats.items())
+def _named(stats: dict[str, Stat]) -> str:
+    return ", ".join(f"{name} {_number(s, '{:.1f}')}" for name, s in stats.items())
 
 
-def cells(row: Row) -> list[str]:
-    """The row as display text, in ``HEADERS`` order (the terminal and Markdown tables)."""
-    return [row.name + (f" {MARK}" if row.flags else ""), row.student, _named(row.teachers, ": "),
-            _pm(row.eval_top1), _number(row.best_top1, "{:.2f}"), _named(row.heads, " "), _si(row.params),
-            _si(row.flops), _number(row.train_images_per_s), _number(row.infer_images_per_s),
-            _number(row.wall_s), str(len(row.seeds))]
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+@dataclass
+class Table:
+    """A table as text cells: the terminal and Markdown show the same thing."""
+
+    title: str
+    headers: list[str]
+    body: list[list[str]]
+
+
+def student_caption(rows: list[Row]) -> tuple[dict, list[dict]]:
+    """The student settings every row shares, and per row the ones that differ."""
+    shared = {k: v for k, v in rows[0].student.items() if all(r.student.get(k, MARK) == v for r in rows)} if rows else {}
+    return shared, [{k: v for k, v in row.student.items() if k not in shared} for row in rows]
+
+
+def results_table(rows: list[Row]) -> Table:
+    """Test top-1 of the final students (mean ± std over seeds), with the teachers and the other rule."""
+    shared, differing = student_caption(rows)
+    student = any(differing)
+    selected = any(row.best_val.n for row in rows)
+    headers = ["recipe", *(["student"] if student else []), "teachers (top-1)", "test top-1",
+               "mean of heads", *(["best-val epoch"] if selected else []), "seeds"]
+    body = [[row.name + (f" {MARK}" if row.flags else ""), *([_settings(d)] if student else []),
+             _named(row.teachers), _pm(row.test), _pm(row.heads_mean), *([_pm(row.best_val)] if selected else []),
+             str(len(row.seeds))] for row, d in zip(rows, differing)]
+    title = ("test top-1 (%) of the final students, mean ± std over seeds; student "
+             f"{_settings(shared) or '(see the column)'}")
+    return Table(title, headers, body)
+
+
+def cost_table(rows: list[Row]) -> Table:
+    return Table("cost per student (FLOPs: multiply-adds per image)", ["recipe", "params", "FLOPs", "train img/s",
+                                                                       "infer img/s", "wall s"],
+                 [[row.name, _si(row.params), _si(row.flops), _number(row.train_images_per_s),
+                   _number(row.infer_images_per_s), _number(row.wall_s)] for row in rows])
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def difference_table(differences: list[Difference]) -> Table:
+    baseline = differences[0].baseline if differences else ""
+    body = [[d.name, _pm(d.diff, signed=True) if d.seeds else "no common seeds",
+             f"[{d.low:+.2f}, {d.high:+.2f}]" if d.low is not None else "n/a", _p(d.p), _p(d.p_holm),
+             str(len(d.seeds))] for d in differences]
+    return Table(f"test top-1 minus {baseline}'s, paired by seed (95% t interval; p: paired t-test, Holm-adjusted)",
+                 ["recipe", f"Δ vs {baseline}", "95% CI", "p", "p (Holm)", "pairs"], body)
+
+
+def tables(rows: list[Row], differences: list[Difference] = ()) -> list[Table]:
+    return [results_table(rows), *([difference_table(differences)] if differences else []), cost_table(rows)]
 
 
 def footnotes(rows: list[Row]) -> list[str]:
     return [f"{MARK} {flag}" for row in rows for flag in row.flags]
 
 
-def difference_cells(d: Difference) -> list[str]:
-    return [d.name, d.baseline, _pm(d.diff, signed=True) if d.seeds else "no common seeds", str(len(d.seeds))]
-
-
-DIFFERENCE_HEADERS = ["recipe", "baseline", "Δ eval top-1 (paired by seed)", "pairs"]
-
-
-def records(rows: list[Row]) -> list[dict]:
-    """The table as numbers (means; std for eval top-1), one dict per row: the CSV."""
+def records(rows: list[Row], differences: list[Difference] = ()) -> list[dict]:
+    """The comparison as numbers, one dict per row: the CSV."""
     heads = dict.fromkeys(h for row in rows for h in row.heads)
     teachers = dict.fromkeys(t for row in rows for t in row.teachers)
+    by_name = {d.name: d for d in differences}
     out = []
     for row in rows:
-        record = {"recipe": row.name, "student": row.student, "seeds": " ".join(map(str, row.seeds)),
-                  "eval_top1_mean": row.eval_top1.mean, "eval_top1_std": row.eval_top1.std,
-                  "best_top1_mean": row.best_top1.mean}
-        record.update({f"top1_{h}": row.heads[h].mean if h in row.heads else None for h in heads})
+        record = {"recipe": row.name, "student": _settings(row.student), "seeds": " ".join(map(str, row.seeds)),
+                  "test_top1_mean": row.test.mean, "test_top1_std": row.test.std,
+                  "heads_mean_top1_mean": row.heads_mean.mean, "heads_mean_top1_std": row.heads_mean.std,
+                  "best_val_epoch_test_top1_mean": row.best_val.mean}
+        record.update({f"test_top1_{h}": row.heads[h].mean if h in row.heads else None for h in heads})
         record.update({f"teacher_{t}_top1": row.teachers[t].mean if t in row.teachers else None for t in teachers})
         for key in ("params", "flops", "train_images_per_s", "infer_images_per_s", "wall_s"):
             record[key] = getattr(row, key).mean
+        if differences:
+            d = by_name.get(row.name)
+            record.update(diff_mean=d and d.diff.mean, diff_std=d and d.diff.std, diff_ci_low=d and d.low,
+                          diff_ci_high=d and d.high, diff_p=d and d.p, diff_p_holm=d and d.p_holm,
+                          diff_pairs=d and len(d.seeds))
         record["flags"] = "; ".join(row.flags)
         out.append(record)
     return out
 
 
-def to_csv(rows: list[Row]) -> str:
-    table = records(rows)
+def to_csv(rows: list[Row], differences: list[Difference] = ()) -> str:
+    table = records(rows, differences)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]) if table else ["recipe"], lineterminator="\n")
     writer.writeheader()
@@ -342,33 +440,31 @@ def to_csv(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
-def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+def _markdown_table(table: Table) -> list[str]:
     def line(values):
         return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
 
-    return [line(headers), line(["---"] * len(headers)), *map(line, body)]
+    return [f"**{table.title}**", "", line(table.headers), line(["---"] * len(table.headers)),
+            *map(line, table.body)]
 
 
 def to_markdown(rows: list[Row], differences: list[Difference] = ()) -> str:
-    lines = _markdown_table(HEADERS, [cells(row) for row in rows])
-    notes = footnotes(rows)
-    if notes:
-        lines += ["", *(f"{note}  " for note in notes)]
-    if differences:
-        lines += ["", f"Paired differences against {differences[0].baseline} (mean ± std over shared seeds):", ""]
-        lines += _markdown_table(DIFFERENCE_HEADERS, [difference_cells(d) for d in differences])
-    return "\n".join(lines) + "\n"
+    lines = []
+    for table in tables(rows, differences):
+        lines += [*_markdown_table(table), ""]
+    lines += [f"{note}  " for note in footnotes(rows)]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def plot(rows: list[Row], path: str | Path) -> None:
-    """A PNG bar chart: eval top-1 mean per recipe with std error bars, teachers' top-1 as markers."""
+    """A PNG bar chart: test top-1 mean per recipe with std error bars, teachers' top-1 as markers."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     fig = Figure(figsize=(max(4.0, 1.3 * len(rows) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
     x = list(range(len(rows)))
-    ax.bar(x, [row.eval_top1.mean for row in rows], yerr=[row.eval_top1.std or 0 for row in rows], capsize=5,
-           color="tab:blue", label="student eval top-1 (mean ± std over seeds)")
+    ax.bar(x, [row.test.mean for row in rows], yerr=[row.test.std or 0 for row in rows], capsize=5,
+           color="tab:blue", label="student test top-1 (mean ± std over seeds)")
     labelled = False
     for i, row in enumerate(rows):
         for name, s in row.teachers.items():
@@ -377,6 +473,6 @@ def plot(rows: list[Row], path: str | Path) -> None:
             ax.annotate(name, (i + 0.42, s.mean), fontsize=7, va="center")
             labelled = True
     ax.set_xticks(x, [f"{row.name}\n({len(row.seeds)} seeds)" for row in rows], fontsize=8)
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel("test top-1 (%)")
     ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, format="png", dpi=120)

@@ -90,7 +90,7 @@ class EvalConfig:
 
 # Core keys of the plugin tables (the rest of each table goes to the plugin factory).
 STUDENT_KEYS = {"plugin"}
-TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe"}
+TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes"}
 HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
 CALLBACK_KEYS = {"plugin"}

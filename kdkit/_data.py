@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import random
 import signal
 from dataclasses import dataclass
@@ -29,7 +31,11 @@ class DatasetSplits:
     """What a dataset plugin returns.
 
     ``train`` and ``val`` follow torchvision's convention: items are ``(image, label)`` after
-    ``self.transform`` (a settable attribute) and ``targets`` lists every label.
+    ``self.transform`` (a settable attribute) and ``targets`` lists every label. ``crop_pct`` is the
+    evaluation transform's centre crop (what ``kdkit predict`` applies to new images).
+    ``fingerprint`` identifies the data's content (``fingerprint()`` of the pixels and labels, or
+    what the plugin can afford): the teacher caches key on it, so a teacher trained on other data
+    is never reused. Left empty, kdkit fingerprints the class names and labels only.
     """
 
     train: Dataset
@@ -39,6 +45,26 @@ class DatasetSplits:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_pct: float = 0.875
+    fingerprint: str = ""
+
+    def identity(self) -> str:
+        """``fingerprint``, or failing that one of the class names and every label."""
+        return self.fingerprint or fingerprint(self.class_names, targets_of(self.train), targets_of(self.val))
+
+
+def fingerprint(*parts) -> str:
+    """A short sha256 of tensors, arrays (their dtype, shape and bytes), strings and lists of them."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().numpy()
+        if isinstance(part, np.ndarray):
+            digest.update(f"{part.dtype} {part.shape}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(json.dumps(part, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def build_transforms(image_size: int, augment: AugmentConfig, mean, std, *, train: bool,
@@ -160,6 +186,7 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     sampler: EpochSampler
+    test: DataLoader | None = None  # the test split, when validation is held out of the training set
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -167,7 +194,7 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_loaders(train: Dataset, val: Dataset, cfg: DataConfig, *, batch_size: int, seed: int,
+def build_loaders(train: Dataset, val: Dataset, test: Dataset | None, cfg: DataConfig, *, batch_size: int, seed: int,
                   repeats: int = 1) -> Loaders:
     """Train batches are ``drop_last`` so mixup always sees an even, full batch."""
     sampler = EpochSampler(len(train), seed, repeats)
@@ -175,8 +202,9 @@ def build_loaders(train: Dataset, val: Dataset, cfg: DataConfig, *, batch_size: 
                   worker_init_fn=_ignore_sigint if cfg.workers > 0 else None)
     train_loader = DataLoader(SeededDataset(train, seed), batch_size=batch_size, sampler=sampler,
                               drop_last=True, **common)
-    val_loader = DataLoader(val, batch_size=cfg.batch_size_eval, shuffle=False, **common)
-    return Loaders(train_loader, val_loader, sampler)
+    val_loader, test_loader = (DataLoader(split, batch_size=cfg.batch_size_eval, shuffle=False, **common)
+                               if split is not None else None for split in (val, test))
+    return Loaders(train_loader, val_loader, sampler, test_loader)
 
 
 class Targets:

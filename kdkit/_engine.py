@@ -13,6 +13,7 @@ resumed run, given the state a checkpoint holds, continues exactly as if it had 
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ from kdkit._config import TrainConfig
 from kdkit._data import Targets, sample_seed
 from kdkit._errors import KdkitError, RunFailed, RunInterrupted
 from kdkit._experiment import Experiment
-from kdkit._model import DistillModel, combine
+from kdkit._model import DistillModel, predictions
 from kdkit._parts import Parts
 from kdkit._rundir import RunDir
 
@@ -56,9 +57,10 @@ class TrainState:
     train_s: float = 0.0  # seconds spent training in that epoch
     best_top1: float = -1.0
     best_epoch: int = 0
+    best_model: dict | None = None  # the best epoch's weights, kept when a held-out split selects it
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
 
-    PLAIN = ("epoch", "step", "batch", "sums", "seen", "train_s", "best_top1", "best_epoch", "history")
+    PLAIN = ("epoch", "step", "batch", "sums", "seen", "train_s", "best_top1", "best_epoch", "best_model", "history")
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -181,6 +183,7 @@ class Trainer:
                     self.end_epoch(epoch)
                     if self.stop.signum is not None:
                         raise _Stop
+                self.summary.update(self.evaluate_test(), infer_images_per_s=self.inference_speed())
                 status = "completed"
         except _Stop:
             status = "interrupted"
@@ -217,7 +220,7 @@ class Trainer:
     def end_epoch(self, epoch: int) -> None:
         """Evaluate, count the epoch, keep best/last, and hand the metrics row to the hooks."""
         state = self.state
-        top1, infer_speed = self.evaluate()
+        top1 = self.evaluate()
         for extra in self.hook.kdkit_evaluate(trainer=self):
             clash = top1.keys() & extra.keys()
             if clash:
@@ -230,10 +233,11 @@ class Trainer:
         state.history.append(row)
         if top1["eval"] > state.best_top1:
             state.best_top1, state.best_epoch = top1["eval"], epoch + 1
+            if self.parts.loaders.test is not None:
+                state.best_model = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
         speeds = [r["images_per_s"] for r in state.history]
         self.summary.update(epochs=state.epoch, top1=top1, best_top1=state.best_top1, best_epoch=state.best_epoch,
-                            infer_images_per_s=infer_speed, train_images_per_s=sum(speeds) / len(speeds),
-                            wall_s=self.wall_s)
+                            train_images_per_s=sum(speeds) / len(speeds), wall_s=self.wall_s)
         self.hook.kdkit_epoch_end(trainer=self, row=row)
 
     @property
@@ -287,9 +291,20 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------------
 
+    def evaluate_test(self) -> dict:
+        """The test split's top-1, for the summary: the final student's (``test_top1``, per head and
+        ``eval``) and, when a held-out validation split chose the best epoch, that epoch's student's
+        (``best_test_top1``). Without a held-out split the validation set is the test split."""
+        if self.parts.loaders.test is None:
+            return {"test_top1": self.summary["top1"], "best_test_top1": None}
+        best = copy.deepcopy(self.state.model)
+        best.load_state_dict(self.state.best_model)
+        return {"test_top1": self.evaluate(loader=self.parts.loaders.test),
+                "best_test_top1": self.evaluate(best, loader=self.parts.loaders.test)["eval"]}
+
     @torch.no_grad()
-    def evaluate(self, model: DistillModel | None = None) -> tuple[dict[str, float], float]:
-        """Validation top-1 (%) per head and for the eval prediction (``eval``), and inference images/s.
+    def evaluate(self, model: DistillModel | None = None, loader=None) -> dict[str, float]:
+        """Top-1 (%) per head and for the eval prediction (``eval``) on the validation set (or ``loader``).
 
         ``model`` defaults to the trained one; a plugin may pass another with the same heads (an EMA copy).
         """
@@ -297,19 +312,36 @@ class Trainer:
         was_training = model.training
         model.eval()
         correct: dict[str, int] = defaultdict(int)
-        total, elapsed = 0, 0.0
-        for images, labels in self.parts.loaders.val:
+        total = 0
+        for images, labels in self.parts.loaders.val if loader is None else loader:
             images, labels = images.to(self.device), labels.to(self.device)
-            start = time.perf_counter()
             with autocast(self.device, self.cfg.precision):
-                logits = model(images)
-            logits["eval"] = combine(logits, model.eval_heads)
-            elapsed += time.perf_counter() - start
+                logits = predictions(model(images), model.eval_heads)
             for name, value in logits.items():
                 correct[name] += (value.argmax(-1) == labels).sum().item()
             total += len(labels)
         model.train(was_training)
-        return {k: 100.0 * v / total for k, v in correct.items()}, (total / elapsed if elapsed else 0.0)
+        return {k: 100.0 * v / total for k, v in correct.items()}
+
+    @torch.no_grad()
+    def inference_speed(self, warmup: int = 2, repeats: int = 5) -> float:
+        """Images/s of the eval prediction on a fixed batch (``data.batch_size_eval``, at most 64), timed
+        after ``warmup`` batches with the device synchronised, so a GPU's queued kernels are counted."""
+        model = self.state.model
+        model.eval()
+        batch = torch.zeros(min(64, self.exp.data.batch_size_eval), self.parts.splits.in_chans,
+                            self.exp.data.image_size, self.exp.data.image_size, device=self.device)
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        with autocast(self.device, self.cfg.precision):
+            for _ in range(warmup):
+                model.predict(batch)
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model.predict(batch)
+            synchronize()
+        model.train()
+        return repeats * len(batch) / (time.perf_counter() - start)
 
     @torch.no_grad()
     def evaluate_teacher(self, name: str) -> float:

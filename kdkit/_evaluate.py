@@ -20,7 +20,7 @@ from kdkit import _export as export
 from kdkit._engine import autocast
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
-from kdkit._model import DistillModel, combine
+from kdkit._model import DistillModel, predictions
 from kdkit._parts import Parts, build_parts, build_teachers, default_device
 from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
@@ -43,8 +43,7 @@ class Rebuilt:
         images = images.to(self.device)
         with autocast(self.device, self.exp.train.precision):
             heads = self.model(images)
-        heads = {name: value.float() for name, value in heads.items()}
-        heads["eval"] = combine(heads, self.model.eval_heads)
+        heads = predictions(heads, self.model.eval_heads)
         mean, std = self.parts.normalization(self.device)
         return heads, {name: t.logits(images, mean, std) for name, t in self.parts.teachers.items()}
 
@@ -68,7 +67,7 @@ def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=
     if random and not allow_random_teachers:
         raise KdkitError(f"{run_dir}: the run used random teachers (no weights for {', '.join(map(repr, random))}); "
                          "--allow-random-teachers rebuilds the same random teachers from the run's seed")
-    ensure_teachers(exp, train_teachers=False)
+    ensure_teachers(exp, plugins, train_teachers=False)
     device = device or default_device()
     torch.manual_seed(exp.seed)
     parts = build_parts(exp, plugins, device)

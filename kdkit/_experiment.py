@@ -12,6 +12,7 @@ from timm.optim import list_optimizers
 
 from kdkit import _config as C
 from kdkit._errors import RecipeError, did_you_mean
+from kdkit._model import PREDICTIONS
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe
 from kdkit._schema import accepts, check_table, conform, type_name
@@ -44,6 +45,7 @@ class TeacherSpec:
     pretrained: bool = False
     precision: str = "auto"
     recipe: Recipe | None = None  # the recipe that trains this teacher, when it is not trained yet
+    classes: list[str] | None = None  # the teacher's classes in its output order, when the recipe names them
 
 
 @dataclass
@@ -158,7 +160,8 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     student = _plugin_spec(recipe, plugins, "student", _table(recipe, "student", t.get("student"), required=True),
                            "student", C.STUDENT_KEYS)
     teachers = {
-        tname: _teacher(recipe, plugins, tname, _table(recipe, f"teachers.{tname}", table), allow_random_teachers)
+        tname: _teacher(recipe, plugins, tname, _table(recipe, f"teachers.{tname}", table), allow_random_teachers,
+                        data)
         for tname, table in _table(recipe, "teachers", t.get("teachers")).items()
     }
     heads = {
@@ -196,7 +199,7 @@ def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.Au
         raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
 
 
-def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
+def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> TeacherSpec:
     key = f"teachers.{name}"
     checkpoint = _typed(recipe, f"{key}.checkpoint", table.get("checkpoint"), str, "")
     pretrained = _typed(recipe, f"{key}.pretrained", table.get("pretrained"), bool, False)
@@ -204,16 +207,17 @@ def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
     from kdkit._export import is_export  # a kdkit export rebuilds its own model
 
     if "recipe" in table:
-        return _teacher_from_recipe(recipe, plugins, name, table, precision)
+        return _teacher_from_recipe(recipe, plugins, name, table, precision, data)
     if checkpoint and not Path(checkpoint).exists():
         raise recipe.error(f"{key}.checkpoint", f"no such file or directory: {checkpoint}")
     if checkpoint and is_export(checkpoint):
         if "plugin" in table:
             raise recipe.error(f"{key}.plugin", "the checkpoint is a kdkit run or student.safetensors, "
                                "which carries its own model: drop 'plugin' and the plugin's keys")
-        extra = table.keys() - C.TEACHER_KEYS
+        extra = (table.keys() - C.TEACHER_KEYS) | ({"classes"} & table.keys())
         if extra:
-            raise recipe.error(f"{key}.{sorted(extra)[0]}", "unknown key for a teacher loaded from a kdkit export")
+            raise recipe.error(f"{key}.{sorted(extra)[0]}", "unknown key for a teacher loaded from a kdkit export "
+                               "(it carries its own model and class names)")
         return TeacherSpec(name, None, checkpoint, False, precision)
     spec = _plugin_spec(recipe, plugins, "teacher", table, key, C.TEACHER_KEYS)
     if pretrained and not accepts(plugins.get("teacher", spec.plugin), "pretrained"):
@@ -221,10 +225,25 @@ def _teacher(recipe, plugins, name, table, allow_random) -> TeacherSpec:
     if not (checkpoint or pretrained or allow_random):
         raise recipe.error(key, "the teacher has no weights: set checkpoint or pretrained "
                            "(kdkit run --allow-random-teachers allows random teachers, for smoke tests)")
-    return TeacherSpec(name, spec, checkpoint, pretrained, precision)
+    classes = _class_names(recipe, f"{key}.classes", table.get("classes"))
+    return TeacherSpec(name, spec, checkpoint, pretrained, precision, classes=classes)
 
 
-def _teacher_from_recipe(recipe, plugins, name, table, precision) -> TeacherSpec:
+def _class_names(recipe, key: str, value) -> list[str] | None:
+    """A teacher's ``classes``: a list of names, or a text file of one name per line (``#`` comments)."""
+    value = _typed(recipe, key, value, list[str] | str, None)
+    if isinstance(value, str):
+        try:
+            lines = Path(value).read_text().splitlines()
+        except OSError as exc:
+            raise recipe.error(key, f"cannot read the class list: {exc}") from None
+        value = [name for name in (line.split("#")[0].strip() for line in lines) if name]
+    if value is not None and (not value or len(set(value)) != len(value)):
+        raise recipe.error(key, "the class list must name each class once, at least one")
+    return value
+
+
+def _teacher_from_recipe(recipe, plugins, name, table, precision, data: C.DataConfig) -> TeacherSpec:
     """A teacher trained by its own recipe (``kdkit run`` trains it first if it is not cached)."""
     from kdkit._recipe import load_recipe
 
@@ -237,7 +256,16 @@ def _teacher_from_recipe(recipe, plugins, name, table, precision) -> TeacherSpec
     if not Path(path).is_file():
         raise recipe.error(f"{key}.recipe", f"no such recipe file: {path}")
     teacher_recipe = load_recipe(path)
-    resolve(teacher_recipe, plugins)  # a broken teacher recipe is reported now, before anything trains
+    taught = resolve(teacher_recipe, plugins).data  # a broken teacher recipe is reported now, before anything trains
+    def held_out(d: C.DataConfig):
+        return d.dataset, d.root or C.default_data_root(), d.val_split
+
+    if data.val_split > 0 and held_out(taught) != held_out(data):
+        raise recipe.error(f"{key}.recipe", f"this run holds out data.val_split = {data.val_split} of the training "
+                           f"images for validation, but the teacher's recipe ({path}) trains on other data or "
+                           f"holds out another split (dataset {taught.dataset!r}, val_split {taught.val_split}): "
+                           "the teacher would have seen the validation images. Give it the same data.dataset, "
+                           "data.root and data.val_split")
     return TeacherSpec(name, None, "", False, precision, recipe=teacher_recipe)
 
 
@@ -280,11 +308,16 @@ def _losses(recipe, plugins, value, teachers: dict) -> list[LossSpec]:
 
 
 def check_heads(exp: Experiment, embedding_dims: dict[str, int]) -> dict[str, HeadSpec]:
-    """Every head: the declared ones, plus one per student embedding; check every reference to them."""
+    """Every head: the declared ones, plus a linear one for each student embedding no declared head reads;
+    check every reference to them."""
     heads = dict(exp.heads)
+    read = {head.embedding for head in heads.values()}
     for emb in embedding_dims:
-        heads.setdefault(emb, HeadSpec(emb, PluginSpec("head", "linear", {}, f"heads.{emb}"), emb))
+        if emb not in read:
+            heads.setdefault(emb, HeadSpec(emb, PluginSpec("head", "linear", {}, f"heads.{emb}"), emb))
     for name, head in heads.items():
+        if name in PREDICTIONS:
+            raise exp.recipe.error(f"heads.{name}", f"{name!r} names a prediction kdkit reports; choose another name")
         if head.embedding not in embedding_dims:
             raise exp.recipe.error(f"heads.{name}.embedding", f"the student has no embedding {head.embedding!r}"
                                    f"{did_you_mean(head.embedding, embedding_dims)}; it returns: "

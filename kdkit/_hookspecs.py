@@ -52,6 +52,13 @@ def kdkit_register_callbacks(registry: Registry) -> None:
     """Register callback factories: each returns an object whose ``@hookimpl`` methods join one run."""
 
 
+@hookspec
+def kdkit_flop_rules() -> dict | None:
+    """FLOP rules for operators the count does not know, by traced name (a custom autograd Function
+    traces as ``prim::PythonOp.<its class name>``): ``rule(inputs, outputs) -> multiply-adds``, where
+    ``inputs`` and ``outputs`` are the traced values (``api.traced_shape(value)`` gives a shape)."""
+
+
 # --- the run's lifecycle, in the order Trainer.fit calls them ---------------------------------------
 
 @hookspec

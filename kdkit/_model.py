@@ -16,12 +16,14 @@ class DistillModel(nn.Module):
         self.embeddings = dict(embeddings)  # head name -> the student embedding it reads
         self.eval_heads = list(eval_heads)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, heads: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Logits of ``heads`` (default: every head), each head run in fp32 whatever the autocast around it."""
         features = self.student(images)
-        return {name: head(features[self.embeddings[name]]) for name, head in self.heads.items()}
+        with torch.autocast(images.device.type, enabled=False):
+            return {name: self.heads[name](features[self.embeddings[name]].float()) for name in heads or self.heads}
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return combine(self(images), self.eval_heads)
+        return combine(self(images, self.eval_heads), self.eval_heads)
 
     def no_weight_decay(self) -> set[str]:
         """Student parameters exempt from weight decay (position embeddings, tokens), as timm reads it."""
@@ -44,6 +46,18 @@ def build_distill_model(plugins, student: nn.Module, heads: dict[str, dict], eva
 def combine(logits: dict[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
     """The prediction: the mean of the named heads' logits."""
     return torch.stack([logits[name].float() for name in heads]).mean(0)
+
+
+PREDICTIONS = ("eval", "heads_mean")  # names the heads cannot take: evaluation reports these too
+
+
+def predictions(logits: dict[str, torch.Tensor], eval_heads: list[str]) -> dict[str, torch.Tensor]:
+    """Every head's logits plus ``eval`` (the mean of ``eval_heads``, the model's prediction) and, with
+    several heads, ``heads_mean`` (the mean of all of them: the released CivT code's rule)."""
+    out = {**logits, "eval": combine(logits, eval_heads)}
+    if len(logits) > 1:
+        out["heads_mean"] = combine(logits, list(logits))
+    return out
 
 
 class Predictor(nn.Module):

@@ -58,13 +58,20 @@ class Parts:
         return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (self.splits.mean, self.splits.std))
 
 
+def build_splits(exp: Experiment, plugins: Plugins) -> DatasetSplits:
+    """The dataset plugin's splits, before subsets and held-out validation."""
+    data = exp.data
+    return exp.dataset.build(plugins, root=data.root or default_data_root(), image_size=data.image_size,
+                             augment=exp.augment, num_classes=data.num_classes)
+
+
 def build_parts(exp: Experiment, plugins: Plugins, device: torch.device) -> Parts:
     """Data, loaders, the student with its heads and the loss terms, checked by a one-image forward."""
     data = exp.data
-    splits = exp.dataset.build(plugins, root=data.root or default_data_root(), image_size=data.image_size,
-                               augment=exp.augment, num_classes=data.num_classes)
+    splits = build_splits(exp, plugins)
     train_set, val_set = split_datasets(splits, data)
-    loaders = build_loaders(train_set, val_set, data, batch_size=exp.train.batch_size, seed=exp.seed,
+    test_set = splits.val if data.val_split > 0 else None  # else the validation set is the test split
+    loaders = build_loaders(train_set, val_set, test_set, data, batch_size=exp.train.batch_size, seed=exp.seed,
                             repeats=exp.augment.repeated_aug)
     if len(loaders.train) == 0:
         raise exp.recipe.error("train.batch_size", f"the training set has {len(train_set)} images, fewer than "
@@ -96,6 +103,7 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device) -> Part
         "num_classes": splits.num_classes,
         "in_chans": splits.in_chans,
         "image_size": data.image_size,
+        "crop_pct": splits.crop_pct,
         "mean": list(splits.mean),
         "std": list(splits.std),
     }
@@ -144,26 +152,47 @@ def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torc
 
 def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetSplits,
                   device: torch.device) -> Teacher:
+    """One teacher, its outputs mapped onto the data's classes when it names its own (``classes``)."""
     spec = exp.teachers[name]
     bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
     if spec.spec is None:  # a kdkit export: its own model, normalization and class list
         trained = export.load(spec.checkpoint, plugins)
         meta = trained.meta
-        if meta["class_names"] != list(splits.class_names):
-            raise exp.recipe.error(f"teachers.{name}.checkpoint", "the teacher was trained on other classes "
-                                   f"(or in another order) than this dataset's: {meta['class_names'][:5]}...")
-        return Teacher(Predictor(trained), mean=meta["mean"], std=meta["std"],
-                       input_size=meta["image_size"], bf16=bf16).to(device)
-    context = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=exp.data.image_size)
+        index = class_index(exp, f"teachers.{name}.checkpoint", meta["class_names"], splits.class_names)
+        return Teacher(Predictor(trained), mean=meta["mean"], std=meta["std"], input_size=meta["image_size"],
+                       bf16=bf16, class_index=index).to(device)
+    outputs = len(spec.classes) if spec.classes else splits.num_classes
+    context = dict(num_classes=outputs, in_chans=splits.in_chans, img_size=exp.data.image_size)
     if spec.pretrained:
         context["pretrained"] = True
     model = spec.spec.build(plugins, **context)
     if spec.checkpoint:
         load_weights(model, spec.checkpoint)
+    index = class_index(exp, f"teachers.{name}.classes", spec.classes, splits.class_names) if spec.classes else None
     if spec.pretrained:  # timm's pretrained_cfg says how the weights expect their input
-        size = getattr(model, "pretrained_cfg", {}).get("input_size", (0, exp.data.image_size))[-1]
-        return Teacher(model, input_size=size, bf16=bf16).to(device)
-    return Teacher(model, mean=splits.mean, std=splits.std, bf16=bf16).to(device)
+        cfg = getattr(model, "pretrained_cfg", {})
+        if cfg.get("num_classes", outputs) != outputs:
+            raise exp.recipe.error(f"teachers.{name}.pretrained", f"the pretrained classifier has "
+                                   f"{cfg['num_classes']} classes and the teacher would get {outputs}: its head would "
+                                   f"be random. Name the teacher's classes (teachers.{name}.classes: a list or a file "
+                                   f"of its {cfg['num_classes']} class names in output order) to use the logits of "
+                                   "the data's classes")
+        size = cfg.get("input_size", (0, exp.data.image_size))[-1]
+        return Teacher(model, input_size=size, bf16=bf16, class_index=index).to(device)
+    return Teacher(model, mean=splits.mean, std=splits.std, bf16=bf16, class_index=index).to(device)
+
+
+def class_index(exp: Experiment, key: str, teacher_classes: list[str], data_classes: list[str]) -> list[int] | None:
+    """Where each of the data's classes sits among the teacher's outputs (None: the same list)."""
+    if list(teacher_classes) == list(data_classes):
+        return None
+    position = {c: i for i, c in enumerate(teacher_classes)}
+    missing = [c for c in data_classes if c not in position]
+    if missing:
+        raise exp.recipe.error(key, f"the teacher has no output for {len(missing)} of the data's {len(data_classes)} "
+                               f"classes ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); its classes: "
+                               f"{', '.join(teacher_classes[:5])}...")
+    return [position[c] for c in data_classes]
 
 
 def build_model(kind: str, plugins: Plugins | None = None, **table) -> nn.Module:

@@ -16,9 +16,8 @@ def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> l
     """``[(image, [(class name, probability), ...]), ...]``, most probable first."""
     model = load(model_path)
     meta = model.meta
-    crop_pct = 1.0 if meta["image_size"] <= 64 else 0.875
     transform = build_transforms(meta["image_size"], AugmentConfig(), meta["mean"], meta["std"], train=False,
-                                 crop_pct=crop_pct)
+                                 crop_pct=meta["crop_pct"])
     mode = "L" if meta["in_chans"] == 1 else "RGB"
     results = []
     for path in images:

@@ -23,7 +23,8 @@ else:  # pragma: no cover
 from kdkit._errors import RecipeError
 
 # Keys whose string values are file paths, resolved against the recipe that wrote them.
-PATH_KEYS = {("data", "root"), ("data", "classes"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe")}
+PATH_KEYS = {("data", "root"), ("data", "classes"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe"),
+             ("teachers", "*", "classes")}
 
 
 @dataclass

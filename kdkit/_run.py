@@ -6,6 +6,7 @@ accuracy, and the run directory (empty, or resumable with the same recipe and te
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from kdkit._config import RUN_CALLBACKS, cache_root
 from kdkit._engine import Trainer
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
-from kdkit._flops import count_flops
-from kdkit._parts import Parts, build_parts, build_teachers, default_device
+from kdkit._flops import count_flops, plugin_rules
+from kdkit._model import Predictor
+from kdkit._parts import Parts, build_parts, build_splits, build_teachers, default_device
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe, diff_tables, load_recipe
 from kdkit._rundir import RunDir, default_run_dir, provenance
@@ -25,17 +27,23 @@ from kdkit._teacher import weights_hash
 
 
 class TeacherWarning(UserWarning):
-    """A teacher looks wrong (near chance on validation) but the run goes on."""
+    """A teacher is at most twice chance on validation, and the run was told to go on anyway."""
+
+
+class FlopWarning(UserWarning):
+    """The FLOP count met operators it has no rule for: the reported count leaves them out."""
 
 
 def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: bool = False,
-        allow_changes: bool = False, allow_random_teachers: bool = False, train_teachers: bool = True,
-        progress: bool = False, console=None) -> Path:
+        allow_changes: bool = False, allow_random_teachers: bool = False, allow_weak_teachers: bool = False,
+        train_teachers: bool = True, progress: bool = False, console=None) -> Path:
     """Check, build and train one recipe (its missing teachers first); returns the run directory.
 
     ``resume`` continues the run in ``out`` from its last checkpoint; a recipe or teacher weights that
-    differ from the run's are refused unless ``allow_changes``. ``progress`` adds the progress display;
-    ``console`` (a rich Console) receives messages about teachers being trained; otherwise nothing prints.
+    differ from the run's are refused unless ``allow_changes``. A teacher at most twice chance on
+    validation is refused unless ``allow_weak_teachers`` (or ``allow_random_teachers``: a random
+    teacher is at chance). ``progress`` adds the progress display; ``console`` (a rich Console)
+    receives messages about teachers being trained; otherwise nothing prints.
     """
     plugins = default_plugins()
     recipe = load_recipe(recipe_path, list(overrides))
@@ -48,14 +56,14 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
     parts = build_parts(exp, plugins, device)
     with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
-        ensure_teachers(exp, train_teachers=train_teachers, progress=progress, console=console)
+        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console)
     parts.teachers = build_teachers(exp, plugins, parts, device)
     callbacks = build_callbacks(exp, plugins, progress)
-    fixed = facts(exp, parts, recipe)
+    fixed = facts(exp, parts, recipe, plugins, device)
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
     trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary)
     if checkpoint is None:
-        summary["teacher_top1"] = evaluate_teachers(trainer)
+        summary["teacher_top1"] = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
         rundir.create(recipe.to_toml())
     else:
         check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
@@ -90,30 +98,42 @@ def check_teachers_unchanged(rundir: RunDir, checkpoint: dict, hashes: dict[str,
 
 
 # The summary's values before the first epoch; training and the engine update them.
-STARTING = {"status": "running", "epochs": 0, "top1": {}, "best_top1": None, "best_epoch": None, "teacher_top1": {},
-            "train_images_per_s": None, "infer_images_per_s": None, "wall_s": 0.0}
+STARTING = {"status": "running", "epochs": 0, "top1": {}, "best_top1": None, "best_epoch": None, "test_top1": {},
+            "best_test_top1": None, "teacher_top1": {}, "train_images_per_s": None, "infer_images_per_s": None,
+            "wall_s": 0.0}
 
 
-def facts(exp: Experiment, parts: Parts, recipe: Recipe) -> dict:
+def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins, device: torch.device) -> dict:
     """What the summary says about the run that training does not change (recomputed on resume)."""
+    image = torch.zeros(1, parts.splits.in_chans, exp.data.image_size, exp.data.image_size, device=device)
+    flops = count_flops(Predictor(parts.model), image, plugin_rules(plugins.manager.hook))
+    if flops.unsupported:
+        warnings.warn(f"the FLOP count leaves out operators it has no rule for: {flops.unsupported}", FlopWarning,
+                      stacklevel=2)
     return {
-        "name": exp.name, "seed": exp.seed, "params": parts.model.eval_parameters(),
-        "flops": count_flops(parts.model, parts.splits.in_chans, exp.data.image_size),
+        "name": exp.name, "seed": exp.seed, "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
+        "params": parts.model.eval_parameters(), "flops": flops.total,
+        "flops_unsupported": flops.unsupported,
         "teacher_hashes": {name: weights_hash(t.model) for name, t in parts.teachers.items()},
         **provenance(recipe.hash()),
     }
 
 
-def evaluate_teachers(trainer: Trainer) -> dict[str, float]:
-    """Each teacher's validation top-1 (%); one near chance is flagged (wrong weights, normalization, classes?)."""
+def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:
+    """Each teacher's validation top-1 (%); one at most twice chance is refused (wrong weights,
+    normalization or class order?) unless ``allow_weak``, which makes it a warning."""
     chance = 100.0 / trainer.parts.splits.num_classes
     top1 = {}
     for name in trainer.parts.teachers:
         top1[name] = trainer.evaluate_teacher(name)
-        if top1[name] < 2 * chance:
-            warnings.warn(f"teacher {name!r} is near chance on validation: {top1[name]:.2f}% (chance "
-                          f"{chance:.2f}%). Wrong weights, input normalization or class order?", TeacherWarning,
-                          stacklevel=2)
+        if top1[name] <= 2 * chance:
+            message = (f"teachers.{name}: validation top-1 {top1[name]:.2f}% is at most twice chance "
+                       f"({chance:.2f}%): wrong weights, input normalization or class order (teachers.{name}.classes "
+                       "maps a teacher's own classes)?")
+            if not allow_weak:
+                raise KdkitError(f"{trainer.exp.recipe.where(f'teachers.{name}')}: {message} "
+                                 "--allow-weak-teachers accepts it")
+            warnings.warn(message, TeacherWarning, stacklevel=2)
     return top1
 
 
@@ -125,17 +145,21 @@ def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool) -> dict[s
     return callbacks
 
 
-def teacher_run_dir(recipe: Recipe) -> Path:
-    """Where the teacher trained by ``recipe`` is cached: keyed by the resolved teacher recipe."""
-    return cache_root() / "teachers" / f"{recipe.table['name']}-{recipe.hash()}"
+def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
+    """Where the teacher trained by ``recipe`` is cached: keyed by the resolved recipe and the identity of
+    its data (``DatasetSplits.identity``), so a teacher trained on other data is never reused."""
+    data = build_splits(resolve(recipe, plugins), plugins).identity()
+    key = hashlib.sha256(f"{recipe.hash()} {data}".encode()).hexdigest()[:16]
+    return cache_root() / "teachers" / f"{recipe.table['name']}-{key}"
 
 
-def ensure_teachers(exp: Experiment, *, train_teachers: bool, progress: bool = False, console=None) -> None:
+def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, progress: bool = False,
+                    console=None) -> None:
     """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run."""
     for name, spec in exp.teachers.items():
         if spec.recipe is None:
             continue
-        out = teacher_run_dir(spec.recipe)
+        out = teacher_run_dir(spec.recipe, plugins)
         rundir = RunDir(out)
         if rundir.status() != "completed":
             if not train_teachers:

@@ -18,8 +18,9 @@ class Teacher(DistillationTeacher):
     """
 
     def __init__(self, model: nn.Module, *, mean=None, std=None, input_size: int | None = None,
-                 bf16: bool = False):
+                 bf16: bool = False, class_index: list[int] | None = None):
         super().__init__(model)
+        self.class_index = class_index  # the model's output for each of the data's classes, when they differ
         if mean is not None:
             self.mean_kd = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
             self.std_kd = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -34,12 +35,27 @@ class Teacher(DistillationTeacher):
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor) -> torch.Tensor:
-        """Logits (fp32) for the very batch the student sees, normalized and resized for this teacher."""
+        """fp32 logits for the very batch the student sees, normalized and resized (antialiased) for this teacher.
+
+        Under bf16 the features are computed in bf16 and the classifier in fp32, for models with timm's
+        ``forward_features`` / ``forward_head`` / ``get_classifier``; any other model runs whole in bf16.
+        """
         x = self.normalize_input(images, student_mean, student_std)
         if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
+                              antialias=x.shape[-1] > self.input_size)
+        logits = self.classify(x)
+        return logits if self.class_index is None else logits[:, self.class_index]
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        split = self.bf16 and all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier"))
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self(x).float()
+            if not split:
+                return model(x).float()
+            features = model.forward_head(model.forward_features(x), pre_logits=True)
+        with torch.autocast(x.device.type, enabled=False):
+            return model.get_classifier()(features.float())
 
 
 def teacher_log_probs(teacher_logits: list[torch.Tensor], tau: float, ensemble: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kdkit.api import (AugmentConfig, DatasetSplits, KdkitError, build_transforms, cache_root, default_data_root,
-                       hookimpl)
+                       fingerprint, hookimpl)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -93,8 +93,8 @@ def fake(*, image_size: int, augment: AugmentConfig, num_classes: int, train_siz
     shape = (in_chans, image_size, image_size)
     train = FakeImages(train_size, shape, num_classes, train_tf, offset=0)
     val = FakeImages(val_size, shape, num_classes, eval_tf, offset=train_size)  # unseen images
-    return DatasetSplits(train, val, num_classes, in_chans, [f"class{i}" for i in range(num_classes)],
-                         mean, std)
+    return DatasetSplits(train, val, num_classes, in_chans, [f"class{i}" for i in range(num_classes)], mean, std,
+                         crop_pct=1.0, fingerprint=fingerprint("fake", train_size, val_size, shape, num_classes))
 
 
 def cifar10(*, root: str, image_size: int, augment: AugmentConfig, num_classes: int,
@@ -196,8 +196,10 @@ def imagefolder(*, root: str, image_size: int, augment: AugmentConfig, num_class
         raise KdkitError(f"imagefolder: {folders[1]} and {folders[0]} have different class folders "
                          f"({sorted(set(val.classes) ^ set(train.classes))} in only one)")
     _check_num_classes("imagefolder", num_classes, len(train.classes))
+    files = [(split, os.path.relpath(path, root_path), label, os.path.getsize(path))
+             for split, part in (("train", train), ("val", val)) for path, label in part.samples]
     return DatasetSplits(train, val, len(train.classes), 3, train.classes, IMAGENET_DEFAULT_MEAN,
-                         IMAGENET_DEFAULT_STD)
+                         IMAGENET_DEFAULT_STD, crop_pct=0.875, fingerprint=fingerprint(train.classes, files))
 
 
 @hookimpl
@@ -226,7 +228,9 @@ def _in_memory_splits(name: str, arrays: dict, mean, std, *, image_size: int, au
     train_tf, eval_tf = _transforms(image_size, augment, mean, std, crop_pct=1.0)
     train = InMemoryImages(arrays["train_images"], arrays["train_targets"], train_tf, classes)
     val = InMemoryImages(arrays["test_images"], arrays["test_targets"], eval_tf, classes)
-    return DatasetSplits(train, val, len(classes), train.images.shape[-1], classes, mean, std)
+    content = fingerprint(classes, *(arrays[f"{split}_{kind}"] for split in SPLITS for kind in ("images", "targets")))
+    return DatasetSplits(train, val, len(classes), train.images.shape[-1], classes, mean, std, crop_pct=1.0,
+                         fingerprint=content)
 
 
 def _cifar(name: str, dataset_class, mean, std, *, root: str, download: bool, **context) -> DatasetSplits:

@@ -16,8 +16,11 @@ Eq. (3)). DKD drops the ``(1 - p_teacher_t)`` coupling and weighs the two terms 
 
 Notes for kdkit:
 
-- The target class is ``labels``, the hard labels *before* mixup/cutmix: on a mixed image DKD treats
-  the first image's class as the target (the soft ``target`` is not used).
+- The target class is the class the (soft) ``target`` weighs most: without mixing, the label itself
+  (label smoothing keeps it the largest entry); under mixup/cutmix, the class of the image that
+  contributes more (the larger mixing coefficient; a tie at exactly 0.5 takes the lower class
+  index). The hard ``labels`` before mixing would split about half of the mixed images on their
+  minority class.
 - mdistiller ramps the DKD loss in linearly over its first ``warmup`` epochs (20 on CIFAR). kdkit's
   loss API has no epoch, so there is no warmup here; use the recipe's lr warmup, or a smaller
   ``weight``, instead.
@@ -50,14 +53,14 @@ def split_target(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 def dkd(*, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0,
         ensemble: Literal["mean_prob", "mean_logit"] = "mean_prob"):
-    """Decoupled KD (Zhao et al. 2022): tau^2 * (alpha * TCKD + beta * NCKD), target class from `labels`."""
+    """Decoupled KD (Zhao et al. 2022): tau^2 * (alpha * TCKD + beta * NCKD), target: the class `target` weighs most."""
 
     def loss(logits, *, target, labels, teacher_logits):
-        if labels is None or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
-            raise KdkitError("dkd needs the hard labels, one class index per sample")
+        if target.shape != logits.shape:
+            raise KdkitError("dkd needs the soft target, one row of class weights per sample")
         if logits.shape[-1] < 2:
             raise KdkitError("dkd needs at least two classes")
-        labels = labels.long()
+        labels = target.argmax(-1)
         binary_t, others_t = split_target(teacher_log_probs(teacher_logits, tau, ensemble), labels)
         binary_s, others_s = split_target(F.log_softmax(logits.float() / tau, dim=-1), labels)
         tckd = F.kl_div(binary_s, binary_t, reduction="sum", log_target=True)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from kdkit.api import hookimpl, traced_shape
+
 
 def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: int = 1) -> torch.Tensor:
     """Aggregate ``x`` (B, C, H, W) with per-pixel kernels ``kernel`` (B, G, K*K, H_out, W_out).
@@ -139,3 +141,15 @@ class Involution2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return involution(x, self.generate_kernel(x), self.kernel_size, self.stride)
+
+
+def involution_flops(inputs: list, outputs: list) -> int:
+    """The aggregation's multiply-adds: K*K per output element, B * C * K*K * H_out * W_out."""
+    batch, channels, _, _ = traced_shape(inputs[0])
+    _, _, taps, h_out, w_out = traced_shape(inputs[1])
+    return batch * channels * taps * h_out * w_out
+
+
+@hookimpl
+def kdkit_flop_rules():
+    return {f"prim::PythonOp.{_Involution.__name__}": involution_flops}

@@ -126,6 +126,9 @@ class RedNet(nn.Module):
         x = self.maxpool(self.stem(x))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean((2, 3))
         return x if pre_logits else self.fc(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -59,27 +60,29 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     files = {"csv": tmp_path / "t.csv", "markdown": tmp_path / "md" / "t.md", "plot": tmp_path / "t.png"}
     result = cli("compare", *dirs, *(arg for kind, path in files.items() for arg in (f"--{kind}", path)))
     assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100  # reads in a 100-column terminal
     summaries = [summary(d) for d in dirs]
-    evals = [s["top1"]["eval"] for s in summaries]
-    cell = f"{statistics.fmean(evals):.2f} ± {statistics.stdev(evals):.2f}"
+    tests = [s["test_top1"]["eval"] for s in summaries]
+    assert tests == [s["top1"]["eval"] for s in summaries]  # no held-out split: validation is the test split
+    cell = f"{statistics.fmean(tests):.2f} ± {statistics.stdev(tests):.2f}"
     assert cell in result.output and MARK not in result.output
 
     [row] = list(csv.DictReader(files["csv"].open()))
     assert row["recipe"] == "two" and row["seeds"] == "0 1" and row["flags"] == ""
-    assert float(row["eval_top1_mean"]) == pytest.approx(statistics.fmean(evals))
-    assert float(row["eval_top1_std"]) == pytest.approx(statistics.stdev(evals))
-    for column, values in {"best_top1_mean": [s["best_top1"] for s in summaries],
-                           "top1_conv": [s["top1"]["conv"] for s in summaries],
+    assert float(row["test_top1_mean"]) == pytest.approx(statistics.fmean(tests))
+    assert float(row["test_top1_std"]) == pytest.approx(statistics.stdev(tests))
+    assert row["best_val_epoch_test_top1_mean"] == ""  # no validation split chose an epoch
+    for column, values in {"heads_mean_top1_mean": [s["test_top1"]["heads_mean"] for s in summaries],
+                           "test_top1_conv": [s["test_top1"]["conv"] for s in summaries],
                            "teacher_other_top1": [s["teacher_top1"]["other"] for s in summaries],
                            "params": [s["params"] for s in summaries],
                            "train_images_per_s": [s["train_images_per_s"] for s in summaries]}.items():
         assert float(row[column]) == pytest.approx(statistics.fmean(values)), column
 
-    markdown = files["markdown"].read_text().splitlines()
-    assert markdown[0].startswith("| recipe | student | teachers (top-1) | eval top-1 |")
-    assert markdown[2].startswith("| two | timm: model=test_vit |") and cell in markdown[2]
-    png = files["plot"].read_bytes()
-    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    markdown = files["markdown"].read_text()
+    assert "student plugin=timm, model=test_vit, model_kwargs.img_size=32" in markdown  # shared: a caption
+    assert "| recipe | teachers (top-1) | test top-1 | mean of heads | seeds |" in markdown
+    assert f"| two | conv " in markdown and cell in markdown
 
 
 def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monkeypatch):
@@ -161,30 +164,50 @@ def test_bad_input_exits_2(seed_runs, cli, tmp_path):
     assert keep.read_text() == "x"
 
 
-def fabricated(name: str, seed: int, eval_top1: float) -> Run:
-    s = {"name": name, "seed": seed, "status": "completed", "top1": {"cls": eval_top1 - 1, "eval": eval_top1},
-         "best_top1": eval_top1 + 1, "teacher_top1": {"conv": 50.0}, "params": 1000, "flops": None,
+def fabricated(name: str, seed: int, test: float, tokens=("cls",)) -> Run:
+    s = {"name": name, "seed": seed, "status": "completed", "top1": {"cls": 0.0, "eval": 0.0},
+         "test_top1": {"cls": test - 1, "eval": test, "heads_mean": test + 0.5}, "best_test_top1": None,
+         "teacher_top1": {"conv": 50.0}, "params": 1000, "flops": None,
          "train_images_per_s": 10.0, "infer_images_per_s": 100.0, "wall_s": 5.0}
-    return Run(Path(f"runs/{name}/seed{seed}"), s, "vit: depth=4", [])
+    return Run(Path(f"runs/{name}/seed{seed}"), s, {"plugin": "vit", "depth": 4, "tokens": list(tokens)}, [])
 
 
 def test_rows_and_paired_differences_by_hand():
     runs = [fabricated("base", 0, 70.0), fabricated("base", 1, 72.0), fabricated("base", 2, 74.0),
             fabricated("new", 1, 75.0), fabricated("new", 0, 71.0), fabricated("new", 3, 80.0),
-            fabricated("other", 9, 60.0)]
-    base, new, other = summarize(runs)
-    assert base.seeds == [0, 1, 2] and base.eval_top1.mean == 72.0 and base.eval_top1.std == pytest.approx(2.0)
-    assert base.heads["cls"].mean == 71.0 and base.best_top1.mean == 73.0 and base.flops.mean is None
-    assert other.eval_top1.std is None and other.eval_top1.n == 1
+            fabricated("other", 9, 60.0),
+            *(fabricated("third", seed, v, ("cls", "conv")) for seed, v in enumerate((71.0, 74.0, 75.0)))]
+    base, new, other, third = summarize(runs)
+    assert base.seeds == [0, 1, 2] and base.test.mean == 72.0 and base.test.std == pytest.approx(2.0)
+    assert base.heads["cls"].mean == 71.0 and base.heads_mean.mean == 72.5 and base.flops.mean is None
+    assert other.test.std is None and other.test.n == 1 and base.best_val.n == 0
 
-    to_new, to_other = paired_differences([base, new, other], "base")
-    # seeds 0 and 1 are shared: 71 - 70 = 1 and 75 - 72 = 3
+    to_new, to_other, to_third = paired_differences([base, new, other, third], "base")
+    # new shares seeds 0 and 1: 71 - 70 = 1 and 75 - 72 = 3; t = 2 with 1 degree of freedom
     assert to_new.name == "new" and to_new.seeds == [0, 1]
     assert to_new.diff.mean == pytest.approx(2.0) and to_new.diff.std == pytest.approx(2 ** 0.5)
-    assert to_other.seeds == [] and to_other.diff.mean is None
-    markdown = to_markdown([base, new, other], [to_new, to_other])
-    assert "| new | base | +2.00 ± 1.41 | 2 |" in markdown and "| other | base | no common seeds | 0 |" in markdown
-    assert "| base | vit: depth=4 | conv: 50.00 | 72.00 ± 2.00 | 73.00 |" in markdown
+    assert (to_new.low, to_new.high) == pytest.approx((2 - 12.7062, 2 + 12.7062), abs=1e-3)
+    assert to_new.p == pytest.approx(1 - 2 / math.pi * math.atan(2.0))  # 0.2952
+    # third: differences 1, 2, 1; mean 4/3, standard error 1/3, t = 4 with 2 degrees of freedom
+    assert to_third.p == pytest.approx(1 - 4 / math.sqrt(18))  # 0.0572
+    assert (to_third.low, to_third.high) == pytest.approx((4 / 3 - 4.3027 / 3, 4 / 3 + 4.3027 / 3), abs=1e-3)
+    # Holm over the two p-values: the smaller doubled, the larger kept (and never below the smaller's)
+    assert to_third.p_holm == pytest.approx(2 * to_third.p) and to_new.p_holm == pytest.approx(to_new.p)
+    assert to_other.seeds == [] and to_other.diff.mean is None and to_other.p_holm is None
+
+    markdown = to_markdown([base, new, other, third], [to_new, to_other, to_third])
+    assert "student plugin=vit, depth=4" in markdown  # shared settings go to the caption...
+    assert "| base | tokens=['cls'] | conv 50.0 | 72.00 ± 2.00 | 72.50 ± 2.00 | 3 |" in markdown  # ...the rest stays
+    assert "| new | +2.00 ± 1.41 | [-10.71, +14.71] | 0.295 | 0.295 | 2 |" in markdown
+    assert "| third | +1.33 ± 0.58 | [-0.10, +2.77] | 0.057 | 0.114 | 3 |" in markdown
+    assert "| other | no common seeds | n/a | n/a | n/a | 0 |" in markdown
+
+
+def test_holm_by_hand():
+    from kdkit._compare import holm
+
+    assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_two_runs_of_one_recipe_and_seed_are_refused():

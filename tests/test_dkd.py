@@ -15,6 +15,7 @@ from kdkit_plugins.losses import kl
 STUDENT = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
 TEACHER = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
 LABELS = torch.tensor([0, 2])
+TARGET = torch.nn.functional.one_hot(LABELS, 3).float()  # no mixing: the labels themselves
 
 
 def kl_by_hand(p, q):
@@ -45,7 +46,7 @@ def test_dkd_by_hand_with_the_cifar_defaults():
     tau, alpha, beta = 4.0, 1.0, 8.0
     rows = [tckd_nckd_by_hand(s, t, y, tau) for s, t, y in zip(STUDENT.tolist(), TEACHER.tolist(), LABELS.tolist())]
     expected = tau**2 * sum(alpha * tckd + beta * nckd for tckd, nckd in rows) / 2
-    value = dkd()(STUDENT, target=None, labels=LABELS, teacher_logits=[TEACHER])
+    value = dkd()(STUDENT, target=TARGET, labels=LABELS, teacher_logits=[TEACHER])
     assert value.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -64,11 +65,11 @@ def test_dkd_by_hand_step_by_step_at_tau_2():
     nckd1 = kl_by_hand([p_t1[0] / (1 - p_t1[2]), p_t1[1] / (1 - p_t1[2])],
                        [p_s1[0] / (1 - p_s1[2]), p_s1[1] / (1 - p_s1[2])])
     expected = tau**2 * (alpha * (tckd0 + tckd1) + beta * (nckd0 + nckd1)) / 2
-    value = dkd(alpha=alpha, beta=beta, tau=tau)(STUDENT, target=None, labels=LABELS, teacher_logits=[TEACHER])
+    value = dkd(alpha=alpha, beta=beta, tau=tau)(STUDENT, target=TARGET, labels=LABELS, teacher_logits=[TEACHER])
     assert value.item() == pytest.approx(expected, rel=1e-5)
     # and each term alone
-    only_tckd = dkd(alpha=1.0, beta=0.0, tau=tau)(STUDENT, target=None, labels=LABELS, teacher_logits=[TEACHER])
-    only_nckd = dkd(alpha=0.0, beta=1.0, tau=tau)(STUDENT, target=None, labels=LABELS, teacher_logits=[TEACHER])
+    only_tckd = dkd(alpha=1.0, beta=0.0, tau=tau)(STUDENT, target=TARGET, labels=LABELS, teacher_logits=[TEACHER])
+    only_nckd = dkd(alpha=0.0, beta=1.0, tau=tau)(STUDENT, target=TARGET, labels=LABELS, teacher_logits=[TEACHER])
     assert only_tckd.item() == pytest.approx(tau**2 * (tckd0 + tckd1) / 2, rel=1e-5)
     assert only_nckd.item() == pytest.approx(tau**2 * (nckd0 + nckd1) / 2, rel=1e-5)
 
@@ -86,7 +87,7 @@ def test_classical_kd_is_tckd_plus_one_minus_p_target_times_nckd(tau, teachers):
     p_teacher = torch.stack([torch.softmax(t / tau, -1) for t in teacher_logits]).mean(0)
     per_row = []
     for i in range(6):
-        one = dict(target=None, labels=labels[i:i + 1], teacher_logits=[t[i:i + 1] for t in teacher_logits])
+        one = dict(target=torch.nn.functional.one_hot(labels[i:i + 1], 5).float(), labels=labels[i:i + 1], teacher_logits=[t[i:i + 1] for t in teacher_logits])
         p_target = p_teacher[i, labels[i]].item()
         tckd = dkd(alpha=1.0, beta=0.0, tau=tau)(student[i:i + 1], **one)
         nckd = dkd(alpha=0.0, beta=1.0, tau=tau)(student[i:i + 1], **one)
@@ -99,8 +100,8 @@ def test_classical_kd_is_tckd_plus_one_minus_p_target_times_nckd(tau, teachers):
 
 def test_mean_logit_ensemble_is_dkd_of_the_mean_logits():
     other = torch.tensor([[0.0, 4.0, 1.0], [2.0, 0.0, 0.0]])
-    two = dkd(ensemble="mean_logit")(STUDENT, target=None, labels=LABELS, teacher_logits=[TEACHER, other])
-    one = dkd()(STUDENT, target=None, labels=LABELS, teacher_logits=[(TEACHER + other) / 2])
+    two = dkd(ensemble="mean_logit")(STUDENT, target=TARGET, labels=LABELS, teacher_logits=[TEACHER, other])
+    one = dkd()(STUDENT, target=TARGET, labels=LABELS, teacher_logits=[(TEACHER + other) / 2])
     assert two.item() == pytest.approx(one.item(), rel=1e-6)
 
 
@@ -108,21 +109,31 @@ def test_confident_logits_stay_finite_with_finite_gradients():
     # 1 - p_t underflows to 0 in float32 here if taken as a subtraction: log(1 - p_t) would be -inf
     student = torch.tensor([[80.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
     teacher = torch.tensor([[200.0, 0.0, 1.0], [0.0, 0.0, 200.0]])
-    value = dkd(tau=1.0)(student, target=None, labels=torch.tensor([0, 2]), teacher_logits=[teacher])
+    value = dkd(tau=1.0)(student, target=TARGET, labels=LABELS, teacher_logits=[teacher])
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(student.grad).all()
 
 
 def test_half_precision_logits_are_computed_in_float32():
-    value = dkd()(STUDENT.half(), target=None, labels=LABELS, teacher_logits=[TEACHER.bfloat16()])
+    value = dkd()(STUDENT.half(), target=TARGET, labels=LABELS, teacher_logits=[TEACHER.bfloat16()])
     assert value.dtype == torch.float32
 
 
-def test_dkd_needs_one_hard_label_per_sample():
-    with pytest.raises(KdkitError, match="hard labels"):
-        dkd()(STUDENT, target=None, labels=None, teacher_logits=[TEACHER])
-    with pytest.raises(KdkitError, match="hard labels"):
-        dkd()(STUDENT, target=None, labels=torch.tensor([[0.9, 0.1, 0.0]] * 2), teacher_logits=[TEACHER])
+def test_dkd_needs_the_soft_target():
+    with pytest.raises(KdkitError, match="soft target"):
+        dkd()(STUDENT, target=LABELS, labels=LABELS, teacher_logits=[TEACHER])
+
+
+def test_a_mixed_image_takes_the_class_its_target_weighs_most():
+    """Under mixup the first image's label (``labels``) is the minority class for about half the batch."""
+    first, second = torch.tensor([0, 0]), torch.tensor([1, 2])
+    mixed = 0.3 * torch.nn.functional.one_hot(first, 3) + 0.7 * torch.nn.functional.one_hot(second, 3)
+    value = dkd()(STUDENT, target=mixed.float(), labels=first, teacher_logits=[TEACHER])
+    majority = dkd()(STUDENT, target=torch.nn.functional.one_hot(second, 3).float(), labels=second,
+                     teacher_logits=[TEACHER])
+    minority = dkd()(STUDENT, target=torch.nn.functional.one_hot(first, 3).float(), labels=first,
+                     teacher_logits=[TEACHER])
+    assert value.item() == pytest.approx(majority.item()) and value.item() != pytest.approx(minority.item())
 
 
 def test_dkd_through_the_registry_like_a_recipe():

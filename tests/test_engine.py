@@ -110,3 +110,39 @@ def test_bf16_autocast_trains_and_keeps_every_term(write_recipe):
     assert set(logged) == {"loss", "ce/cls", "kl/conv", "kl/inv"}
     assert all(math.isfinite(v) for v in logged.values())
     assert all(p.dtype == torch.float32 for p in trainer.state.model.parameters())  # autocast, not a cast
+
+
+def test_bf16_heads_and_teacher_classifiers_give_fp32_logits(write_recipe):
+    """Soft targets and argmaxes come from fp32 logits: bf16's 8 mantissa bits would round them."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.precision=bf16", 'teachers.conv.precision="bf16"'])
+    images, _ = first_batch(trainer)
+    model = trainer.state.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+        features = model.student(images)["pool"]
+    for name, value in logits.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, model.heads[name](features.float()), rtol=0, atol=0)
+    assert (logits["cls"].bfloat16().float() != logits["cls"]).any()
+
+    teacher = trainer.parts.teachers["conv"]
+    out = teacher.logits(images, trainer.mean, trainer.std)
+    x = teacher.normalize_input(images, trainer.mean, trainer.std)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = teacher.model.forward_head(teacher.model.forward_features(x), pre_logits=True)
+    assert out.dtype == torch.float32 and (out.bfloat16().float() != out).any()
+    torch.testing.assert_close(out, teacher.model.get_classifier()(pooled.float()), rtol=0, atol=0)
+
+
+def test_a_teacher_at_a_smaller_size_sees_an_antialiased_image():
+    from kdkit._teacher import Teacher
+
+    seen = {}
+    model = torch.nn.Conv2d(3, 4, 1)
+    model.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
+    teacher = Teacher(torch.nn.Sequential(model, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                      mean=(0.0,) * 3, std=(1.0,) * 3, input_size=8)
+    images = torch.rand(2, 3, 32, 32)
+    teacher.logits(images, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    expected = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(seen["x"], expected)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdkit
+from kdkit._errors import KdkitError
 from kdkit._export import read_meta
 
 from conftest import TWO_TEACHER_RECIPE
@@ -30,7 +31,7 @@ def test_run_directory_holds_everything(finished_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert set(rows[0]["train"]) == {"loss", "ce/cls", "kl/conv", "kl/inv"}
-    assert set(rows[0]["top1"]) == {"cls", "conv", "inv", "pool", "eval"}
+    assert set(rows[0]["top1"]) == {"cls", "conv", "inv", "eval", "heads_mean"}  # no unused default head on "pool"
     assert rows[0]["images_per_s"] > 0 and rows[0]["wall_s"] > 0 and rows[0]["lr"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["name"] == "two_teachers"
@@ -55,7 +56,7 @@ def test_export_rebuilds_the_model(finished_run):
     model = kdkit.load(out)
     meta = read_meta(out / "student.safetensors")
     assert meta["eval"]["heads"] == ["cls", "conv", "inv"] and meta["student"]["plugin"] == "timm"
-    assert len(model.meta["class_names"]) == 4
+    assert len(model.meta["class_names"]) == 4 and meta["crop_pct"] == 1.0  # fake data: evaluated uncropped
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -89,7 +90,10 @@ def test_a_run_directory_serves_as_a_teacher(finished_run, write_recipe, tmp_pat
         [eval]
         heads = ["pool"]
         """)
-    second = kdkit.run(recipe, out=tmp_path / "second")
+    with pytest.raises(KdkitError, match="teachers.previous: validation top-1 .* is at most twice chance"):
+        kdkit.run(recipe, out=tmp_path / "second")  # trained on noise: near chance, which usually means a mistake
+    assert not (tmp_path / "second").exists()
+    second = kdkit.run(recipe, out=tmp_path / "second", allow_weak_teachers=True)
     summary = json.loads((second / "summary.json").read_text())
     first = json.loads((out / "summary.json").read_text())
     assert summary["teacher_top1"]["previous"] == pytest.approx(first["top1"]["eval"])
@@ -165,12 +169,12 @@ def test_teachers_given_by_recipes_are_trained_once_and_cached(write_recipe, cli
                            '[eval]\nheads = ["pool"]\n', "student.toml")
     missing = cli("run", student, "--out", tmp_path / "refused", "--no-train-teachers")
     assert missing.exit_code == 2 and "teachers.conv.recipe: teacher not trained yet" in missing.output
-    first = cli("run", student, "--out", tmp_path / "first")
+    first = cli("run", student, "--out", tmp_path / "first", "--allow-weak-teachers")
     assert first.exit_code == 0, first.output
     assert "training teacher 'conv'" in first.output
     cached = list((tmp_path / "cache" / "teachers").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("teacher-")
-    second = cli("run", student, "--out", tmp_path / "second", "--no-train-teachers")
+    second = cli("run", student, "--out", tmp_path / "second", "--no-train-teachers", "--allow-weak-teachers")
     assert second.exit_code == 0, second.output
     assert "training teacher" not in second.output
     teacher_top1 = [json.loads((tmp_path / d / "summary.json").read_text())["teacher_top1"]["conv"]
@@ -185,3 +189,25 @@ def test_a_broken_teacher_recipe_is_reported_before_anything_trains(write_recipe
     result = cli("run", student, "--out", tmp_path / "out", "--allow-random-teachers")
     assert result.exit_code == 2
     assert f"{tmp_path / 'teacher.toml'}: student.model: missing required key" in result.output
+
+
+def test_a_held_out_validation_split_selects_and_the_test_split_reports(write_recipe, tmp_path):
+    """With data.val_split the epochs are compared on held-out training images; the test split is
+    evaluated once, at the end, for the final student and for the epoch validation chose."""
+    from kdkit._experiment import resolve
+    from kdkit._parts import build_splits
+    from kdkit._plugins import default_plugins
+    from kdkit._recipe import load_recipe
+
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    out = kdkit.run(recipe, ["data.val_split=0.25"], out=tmp_path / "run", allow_random_teachers=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_selected_on"] == "validation" and summary["best_test_top1"] is not None
+    assert set(summary["test_top1"]) == set(summary["top1"])
+    test = build_splits(resolve(load_recipe(recipe), allow_random_teachers=True), default_plugins()).val  # 32 images
+    model = kdkit.load(out)
+    with torch.no_grad():
+        predictions = model.predict(torch.stack([test[i][0] for i in range(len(test))])).argmax(-1)
+    labels = torch.tensor([test[i][1] for i in range(len(test))])
+    assert summary["test_top1"]["eval"] == pytest.approx(100.0 * (predictions == labels).float().mean().item())
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["top1"].keys() == summary["top1"].keys()
