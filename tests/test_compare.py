@@ -82,7 +82,7 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     markdown = files["markdown"].read_text()
     assert "student plugin=timm, model=test_vit, model_kwargs.img_size=32" in markdown  # shared: a caption
     assert "| recipe | teachers (top-1) | test top-1 | mean of heads | seeds |" in markdown
-    assert f"| two | conv " in markdown and cell in markdown
+    assert "| two | conv " in markdown and cell in markdown
 
 
 def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monkeypatch):
