@@ -187,6 +187,29 @@ def _table(table) -> Table:
     return out
 
 
+@app.command()
+def flops(targets: List[Path] = typer.Argument(..., help="Recipe TOML files and/or run directories.")):
+    """Multiply-adds of one image through each student's eval prediction (what summary.json's flops counts)."""
+    import torch
+
+    from kdkit._experiment import resolve
+    from kdkit._parts import build_parts
+    from kdkit._plugins import default_plugins
+    from kdkit._recipe import load_recipe
+    from kdkit._rundir import RunDir
+    from kdkit._run import student_flops
+
+    plugins = default_plugins()
+    with reported():
+        for target in targets:
+            recipe = load_recipe(RunDir(target).recipe if target.is_dir() else target)
+            exp = resolve(recipe, plugins, allow_random_teachers=True)  # only the student is built
+            torch.manual_seed(exp.seed)
+            count = student_flops(exp, build_parts(exp, plugins, torch.device("cpu")), plugins)
+            left_out = f" (left out: {count.unsupported})" if count.unsupported else ""
+            typer.echo(f"{target}: {count.total if count.total is not None else 'n/a'}{left_out}")
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory."),

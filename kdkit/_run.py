@@ -17,7 +17,7 @@ from kdkit._config import RUN_CALLBACKS, cache_root
 from kdkit._engine import Trainer
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
-from kdkit._flops import count_flops, plugin_rules
+from kdkit._flops import FlopCount, count_flops, plugin_rules
 from kdkit._model import Predictor
 from kdkit._parts import Parts, build_parts, build_splits, build_teachers, default_device
 from kdkit._plugins import Plugins, default_plugins
@@ -59,7 +59,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
         ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console)
     parts.teachers = build_teachers(exp, plugins, parts, device)
     callbacks = build_callbacks(exp, plugins, progress)
-    fixed = facts(exp, parts, recipe, plugins, device)
+    fixed = facts(exp, parts, recipe, plugins)
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
     trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary)
     if checkpoint is None:
@@ -103,13 +103,20 @@ STARTING = {"status": "running", "epochs": 0, "top1": {}, "best_top1": None, "be
             "wall_s": 0.0}
 
 
-def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins, device: torch.device) -> dict:
-    """What the summary says about the run that training does not change (recomputed on resume)."""
+def student_flops(exp: Experiment, parts: Parts, plugins: Plugins) -> FlopCount:
+    """Multiply-adds of one image through the student's eval prediction; operators left out are a warning."""
+    device = next(parts.model.parameters()).device
     image = torch.zeros(1, parts.splits.in_chans, exp.data.image_size, exp.data.image_size, device=device)
     flops = count_flops(Predictor(parts.model), image, plugin_rules(plugins.manager.hook))
     if flops.unsupported:
         warnings.warn(f"the FLOP count leaves out operators it has no rule for: {flops.unsupported}", FlopWarning,
                       stacklevel=2)
+    return flops
+
+
+def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins) -> dict:
+    """What the summary says about the run that training does not change (recomputed on resume)."""
+    flops = student_flops(exp, parts, plugins)
     return {
         "name": exp.name, "seed": exp.seed, "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
         "params": parts.model.eval_parameters(), "flops": flops.total,

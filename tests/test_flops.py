@@ -1,6 +1,7 @@
 """FLOP counts (multiply-adds) against counts written out by hand from the architectures."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -73,3 +74,15 @@ def test_unknown_operators_are_reported():
 
     count = count_flops(Erf(), torch.zeros(1, 3, 2, 2))
     assert count.total == 12 * 2 and count.unsupported == {"aten::erf": 1}
+
+
+def test_the_flops_command_counts_what_a_run_records(cli, tmp_path):
+    from conftest import TWO_TEACHER_RECIPE
+
+    recipe = tmp_path / "two.toml"
+    recipe.write_text(TWO_TEACHER_RECIPE)
+    out = kdkit.run(recipe, ["train.epochs=1"], out=tmp_path / "run", allow_random_teachers=True)
+    flops = json.loads((out / "summary.json").read_text())["flops"]
+    result = cli("flops", recipe, out)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"{recipe}: {flops}", f"{out}: {flops}"]
