@@ -12,6 +12,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from kdkit.api import hookimpl, traced_shape
+from kdkit_plugins.involution_fused import FusedInvolution
+from kdkit_plugins.involution_fused import load as fused_load
 
 
 def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: int = 1) -> torch.Tensor:
@@ -22,13 +24,11 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: 
 
         out[b, c, y, x] = sum_{i, j} kernel[b, c // Cg, i * K + j, y, x] * x_pad[b, c, y * s + i, x * s + j]
 
-    Cost: K*K multiply-adds per output element, as K*K passes over the output. Memory: no K*K-fold
-    ``F.unfold`` buffer (49 copies of the input for K=7); the forward makes a padded channels-last
-    copy of ``x``, a reordered copy of ``kernel`` and the output, in the compute dtype (fp32 for
-    bf16/fp16 inputs: accumulating K*K terms in bf16 would lose precision; the result is returned
-    in the inputs' dtype). Autograd saves only ``x`` and ``kernel``; the backward allocates about
-    the same again. Plain torch ops, so it runs on any device and under autocast; a fused GPU
-    kernel can replace this function without touching ``Involution2d``.
+    Computed in fp32 for bf16/fp16 inputs (accumulating K*K terms in bf16 would lose precision; the
+    result is returned in the inputs' dtype), so it works under autocast. Two implementations, chosen
+    here: on the CPU the compiled one-pass kernels of ``involution_fused`` (strides 1 and 2, where
+    they build), elsewhere the portable ``_Involution``: plain torch ops, K*K passes over the output
+    with no K*K-fold ``F.unfold`` buffer. Both save only ``x`` and ``kernel`` for the backward.
     """
     b, c, h, w = x.shape
     p = (kernel_size - 1) // 2
@@ -37,7 +37,16 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: 
             or c % kernel.shape[1]:
         raise ValueError(f"involution of x {tuple(x.shape)} with K={kernel_size}, stride={stride} needs a kernel "
                          f"(B, G, {kernel_size**2}, {h_out}, {w_out}) with G dividing {c}; got {tuple(kernel.shape)}")
+    if fused_applies(x, kernel, stride):
+        return FusedInvolution.apply(x, kernel, kernel_size, stride)
     return _Involution.apply(x, kernel, kernel_size, stride)
+
+
+def fused_applies(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> bool:
+    """The compiled CPU operator runs CPU tensors at strides 1 and 2 with at most 64 channels per kernel
+    (RedNet's are 16), when it could be built. A JIT trace (the FLOP count) sees the portable one."""
+    return x.device.type == "cpu" and stride in (1, 2) and x.shape[1] // kernel.shape[1] <= 64 \
+        and not torch.jit.is_tracing() and fused_load() is not None
 
 
 class _Involution(torch.autograd.Function):
@@ -152,4 +161,4 @@ def involution_flops(inputs: list, outputs: list) -> int:
 
 @hookimpl
 def kdkit_flop_rules():
-    return {f"prim::PythonOp.{_Involution.__name__}": involution_flops}
+    return {f"prim::PythonOp.{op.__name__}": involution_flops for op in (_Involution, FusedInvolution)}

@@ -4,7 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkit_plugins.involution import Involution2d, involution
+from kdkit_plugins import involution_fused
+from kdkit_plugins.involution import Involution2d, _Involution, involution
+
+# Both implementations, each held to the float64 reference: the portable K*K-pass operator and the
+# compiled one-pass CPU kernels (skipped where this machine cannot build them).
+OPERATORS = {
+    "portable": _Involution.apply,
+    "fused": pytest.param(involution_fused.FusedInvolution.apply, marks=pytest.mark.skipif(
+        involution_fused.load() is None, reason="the fused CPU involution could not be built here")),
+}
+operators = pytest.mark.parametrize("op", list(OPERATORS.values()), ids=list(OPERATORS))
 
 
 def reference(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
@@ -32,35 +42,48 @@ def random_case(batch, channels, group_channels, size, kernel_size, stride, seed
     return x, kernel
 
 
+@operators
 @pytest.mark.parametrize("channels,group_channels", [(16, 16), (32, 16), (32, 8)])
 @pytest.mark.parametrize("kernel_size", [3, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 10), (1, 3)])
-def test_matches_reference(channels, group_channels, kernel_size, stride, size):
+def test_matches_reference(op, channels, group_channels, kernel_size, stride, size):
     x, kernel = random_case(2, channels, group_channels, size, kernel_size, stride)
-    out = involution(x, kernel, kernel_size, stride)
+    x.requires_grad_(), kernel.requires_grad_()
+    out = op(x, kernel, kernel_size, stride)
     assert out.dtype == torch.float32 and out.is_contiguous()
-    torch.testing.assert_close(out.double(), reference(x, kernel, kernel_size, stride), rtol=1e-5, atol=1e-5)
+    expected = reference(x, kernel, kernel_size, stride)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, (x, kernel), grad)
+    want = torch.autograd.grad(expected, (x, kernel), grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+@operators
 @pytest.mark.parametrize("stride", [1, 2])
-def test_gradcheck(stride):
-    x, kernel = random_case(2, 4, 2, (5, 4), 3, stride)
+@pytest.mark.parametrize("group_channels", [2, 16])
+def test_gradcheck(op, stride, group_channels):
+    x, kernel = random_case(2, 2 * group_channels, group_channels, (5, 4), 3, stride)
     x, kernel = x.double().requires_grad_(), kernel.double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, k: involution(a, k, 3, stride), (x, kernel))
+    assert torch.autograd.gradcheck(lambda a, k: op(a, k, 3, stride), (x, kernel))
 
 
-def test_gradient_of_one_input_only():
+@operators
+def test_gradient_of_one_input_only(op):
     x, kernel = random_case(1, 16, 16, (6, 6), 3, 1)
     x.requires_grad_()
-    involution(x, kernel, 3, 1).sum().backward()
+    op(x, kernel, 3, 1).sum().backward()
     expected = torch.autograd.grad(reference(x, kernel, 3, 1).sum(), x)[0]
     torch.testing.assert_close(x.grad, expected.float(), rtol=1e-5, atol=1e-5)
+    assert kernel.grad is None
 
 
-def test_bf16_inputs_accumulate_in_fp32_and_stay_bf16():
+@operators
+def test_bf16_inputs_accumulate_in_fp32_and_stay_bf16(op):
     x, kernel = random_case(2, 32, 16, (8, 8), 7, 1)
-    out = involution(x.bfloat16(), kernel.bfloat16(), 7, 1)
+    out = op(x.bfloat16(), kernel.bfloat16(), 7, 1)
     assert out.dtype == torch.bfloat16
     expected = reference(x.bfloat16(), kernel.bfloat16(), 7, 1)  # the same rounded inputs, exact sums
     torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
@@ -96,6 +119,36 @@ def test_module_runs_under_bf16_autocast():
         out = layer(x.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+def test_the_operator_picks_the_fused_kernels_on_the_cpu_and_the_portable_ones_to_trace():
+    if involution_fused.load() is None:
+        pytest.skip("the fused CPU involution could not be built here")
+    x, kernel = random_case(1, 16, 16, (6, 6), 7, 1)
+    assert involution(x.requires_grad_(), kernel, 7, 1).grad_fn.name() == "FusedInvolutionBackward"
+    x3, kernel3 = random_case(1, 16, 16, (6, 6), 7, 3)
+    assert involution(x3.requires_grad_(), kernel3, 7, 3).grad_fn.name() == "_InvolutionBackward"  # stride 3
+    wide = torch.randn(1, 2, 49, 6, 6)
+    x128 = torch.randn(1, 256, 6, 6, requires_grad=True)
+    assert involution(x128, wide, 7, 1).grad_fn.name() == "_InvolutionBackward"  # 128 channels per kernel
+    traced = torch.jit.trace(lambda a, k: involution(a, k, 7, 1), (x.detach(), kernel))
+    assert "_Involution" in str(traced.graph)
+
+
+def test_without_a_build_the_portable_operator_serves(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch\n"
+            "from kdkit_plugins import involution_fused\n"
+            "from kdkit_plugins.involution import involution\n"
+            "assert involution_fused.load() is None\n"
+            "x = torch.randn(1, 16, 5, 5, requires_grad=True)\n"
+            "print(involution(x, torch.randn(1, 1, 9, 5, 5), 3, 1).grad_fn.name())\n")
+    env = {**__import__("os").environ, involution_fused.DISABLE: "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "_InvolutionBackward"
 
 
 def test_module_refuses_partial_groups():
