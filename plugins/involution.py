@@ -14,6 +14,8 @@ from torch.autograd.function import once_differentiable
 from kdkit.api import hookimpl, traced_shape
 from kdkit_plugins.involution_fused import FusedInvolution
 from kdkit_plugins.involution_fused import load as fused_load
+from kdkit_plugins.involution_triton import TritonInvolution
+from kdkit_plugins.involution_triton import kernels as triton_kernels
 
 
 def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: int = 1) -> torch.Tensor:
@@ -25,10 +27,11 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: 
         out[b, c, y, x] = sum_{i, j} kernel[b, c // Cg, i * K + j, y, x] * x_pad[b, c, y * s + i, x * s + j]
 
     Computed in fp32 for bf16/fp16 inputs (accumulating K*K terms in bf16 would lose precision; the
-    result is returned in the inputs' dtype), so it works under autocast. Two implementations, chosen
+    result is returned in the inputs' dtype), so it works under autocast. Three implementations, chosen
     here: on the CPU the compiled one-pass kernels of ``involution_fused`` (strides 1 and 2, where
-    they build), elsewhere the portable ``_Involution``: plain torch ops, K*K passes over the output
-    with no K*K-fold ``F.unfold`` buffer. Both save only ``x`` and ``kernel`` for the backward.
+    they build), on CUDA the Triton kernels of ``involution_triton`` (where Triton is installed),
+    elsewhere the portable ``_Involution``: plain torch ops, K*K passes over the output with no
+    K*K-fold ``F.unfold`` buffer. All save only ``x`` and ``kernel`` for the backward.
     """
     b, c, h, w = x.shape
     p = (kernel_size - 1) // 2
@@ -39,6 +42,8 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: 
                          f"(B, G, {kernel_size**2}, {h_out}, {w_out}) with G dividing {c}; got {tuple(kernel.shape)}")
     if fused_applies(x, kernel, stride):
         return FusedInvolution.apply(x, kernel, kernel_size, stride)
+    if x.device.type == "cuda" and not torch.jit.is_tracing() and triton_kernels() is not None:
+        return TritonInvolution.apply(x, kernel, kernel_size, stride)
     return _Involution.apply(x, kernel, kernel_size, stride)
 
 
@@ -161,4 +166,5 @@ def involution_flops(inputs: list, outputs: list) -> int:
 
 @hookimpl
 def kdkit_flop_rules():
-    return {f"prim::PythonOp.{op.__name__}": involution_flops for op in (_Involution, FusedInvolution)}
+    return {f"prim::PythonOp.{op.__name__}": involution_flops
+            for op in (_Involution, FusedInvolution, TritonInvolution)}

@@ -154,3 +154,51 @@ def test_without_a_build_the_portable_operator_serves(tmp_path):
 def test_module_refuses_partial_groups():
     with pytest.raises(ValueError, match="divisible by group_channels"):
         Involution2d(24, group_channels=16)
+
+
+TRITON_CHECK = """
+import os, sys, torch
+from kdkit_plugins.involution import _Involution
+from kdkit_plugins.involution_triton import TritonInvolution, kernels
+if kernels() is None:
+    sys.exit(3)
+torch.manual_seed(0)
+for b, c, gc, h, w, K, s in [(1, 4, 2, 6, 5, 7, 1), (2, 4, 4, 7, 10, 3, 2), (1, 2, 2, 1, 3, 7, 2)]:
+    ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    k = torch.randn(b, c // gc, K * K, ho, wo, requires_grad=True)
+    g = torch.randn(b, c, ho, wo)
+    got, want = [[op(x, k, K, s), *torch.autograd.grad(op(x, k, K, s), (x, k), g)]
+                 for op in (TritonInvolution.apply, _Involution.apply)]
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+k = torch.randn(1, 1, 9, 3, 2, dtype=torch.float64, requires_grad=True)
+assert torch.autograd.gradcheck(lambda a, kk: TritonInvolution.apply(a, kk, 3, 2), (x, k))
+print("ok")
+"""
+
+
+def test_the_triton_kernels_match_the_portable_operator_in_the_interpreter():
+    """Triton's interpreter runs the CUDA kernels on CPU tensors: the same exactness checks, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True)
+    if result.returncode == 3:
+        pytest.skip("Triton is not installed")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_on_cuda_the_operator_runs_the_triton_kernels(stride):
+    x, kernel = random_case(2, 32, 16, (9, 9), 7, stride)
+    x, kernel = x.cuda().requires_grad_(), kernel.cuda().requires_grad_()
+    out = involution(x, kernel, 7, stride)
+    assert out.grad_fn.name() == "TritonInvolutionBackward"
+    torch.testing.assert_close(out.double().cpu(), reference(x.cpu(), kernel.cpu(), 7, stride), rtol=1e-5, atol=1e-4)
+    x64, k64 = x.detach().double().requires_grad_(), kernel.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, k: involution(a, k, 7, stride), (x64, k64))
