@@ -187,6 +187,27 @@ def _table(table) -> Table:
     return out
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output caches ([teacher_cache] in a recipe).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("build")
+def cache_build(
+    recipe: Path = typer.Argument(..., help="The recipe TOML file (with a [teacher_cache] table)."),
+    override: List[str] = typer.Option([], "-o", "--override", help="key.path=value (a TOML literal); repeatable."),
+    allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
+):
+    """Run every teacher of RECIPE once on each training image's views and store the outputs (resumable)."""
+    from kdkit._run import build_teacher_caches
+
+    with reported():
+        caches = build_teacher_caches(recipe, override, allow_random_teachers=allow_random_teachers, console=err)
+    for name, record in caches.items():
+        typer.echo(f"{name}: {record['path']} ({record['images']} images x {record['views']} views, "
+                   f"{record['bytes'] / 2**20:.1f} MiB, {record['bytes_per_image']:.0f} bytes per image, "
+                   f"built in {record['build_s']:.0f} s)")
+
+
 @app.command()
 def flops(targets: List[Path] = typer.Argument(..., help="Recipe TOML files and/or run directories.")):
     """Multiply-adds of one image through each student's eval prediction (what summary.json's flops counts)."""

@@ -95,6 +95,6 @@ HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
 CALLBACK_KEYS = {"plugin"}
 TOP_LEVEL_KEYS = {"name", "seed", "extends", "data", "student", "teachers", "heads", "losses",
-                  "train", "augment", "eval", "callbacks"}
+                  "train", "augment", "eval", "callbacks", "teacher_cache"}
 # The callbacks every run uses; a recipe's [callbacks.<name>] tables add to them.
 RUN_CALLBACKS = ("run_files", "checkpoints", "export")

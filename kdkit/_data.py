@@ -156,6 +156,53 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+VIEW_STREAM = 0x76696577  # "view": the seed stream of a cached view's augmentation
+ORDER_STREAM = 0x6F726472  # "ordr": the seed stream of each image's walk through its views
+
+
+def view_seed(index: int, view: int) -> int:
+    """The seed of every random choice that makes view ``view`` of training image ``index``."""
+    return sample_seed(VIEW_STREAM, index, view)
+
+
+def view_of(seed: int, epoch: int, index: int, copy: int, views: int, repeats: int) -> int:
+    """The view sample (epoch, index, copy) uses: image ``index`` walks through its views in an order drawn
+    from (seed, index), one per epoch and repeated-augmentation copy, starting over after ``views``."""
+    order = np.random.default_rng(sample_seed(seed, index, ORDER_STREAM)).permutation(views)
+    return int(order[(epoch * repeats + copy) % views])
+
+
+def replay(dataset: Dataset, index: int, view: int):
+    """Item ``index`` of ``dataset`` (its training transform) as view ``view``: the same pixels every time."""
+    with seeded(view_seed(index, view)):
+        return dataset[index]
+
+
+class ViewDataset(Dataset):
+    """Training samples replayed from pre-drawn views (a teacher-output cache's): key (epoch, index, copy)
+    -> (image, label, index, view). The run's seed picks the view; the view's seed makes the pixels."""
+
+    def __init__(self, dataset: Dataset, seed: int, views: int, repeats: int):
+        self.dataset, self.seed, self.views, self.repeats = dataset, seed, views, repeats
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, index, copy = key
+        view = view_of(self.seed, epoch, index, copy, self.views, self.repeats)
+        image, label = replay(self.dataset, index, view)
+        return image, label, index, view
+
+
+def indices_of(dataset: Dataset) -> list[int]:
+    """The positions of ``dataset``'s items in the dataset under its (nested) subsets."""
+    if isinstance(dataset, Subset):
+        inner = indices_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return list(range(len(dataset)))
+
+
 class EpochSampler(Sampler):
     """A seeded permutation per epoch, yielding ``(epoch, index, copy)`` keys.
 
@@ -195,13 +242,14 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def build_loaders(train: Dataset, val: Dataset, test: Dataset | None, cfg: DataConfig, *, batch_size: int, seed: int,
-                  repeats: int = 1) -> Loaders:
-    """Train batches are ``drop_last`` so mixup always sees an even, full batch."""
+                  repeats: int = 1, views: int = 0) -> Loaders:
+    """Train batches are ``drop_last`` so mixup always sees an even, full batch. With ``views`` (a
+    teacher-output cache) they are replayed views and carry each sample's (index, view)."""
     sampler = EpochSampler(len(train), seed, repeats)
+    items = ViewDataset(train, seed, views, repeats) if views else SeededDataset(train, seed)
     common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                   worker_init_fn=_ignore_sigint if cfg.workers > 0 else None)
-    train_loader = DataLoader(SeededDataset(train, seed), batch_size=batch_size, sampler=sampler,
-                              drop_last=True, **common)
+    train_loader = DataLoader(items, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
     val_loader, test_loader = (DataLoader(split, batch_size=cfg.batch_size_eval, shuffle=False, **common)
                                if split is not None else None for split in (val, test))
     return Loaders(train_loader, val_loader, sampler, test_loader)
@@ -211,7 +259,10 @@ class Targets:
     """Turns hard labels into what the student learns from: timm's Mixup/CutMix, or smoothed one-hot.
 
     Label smoothing is applied exactly once: inside Mixup when mixing is on, here otherwise.
-    The mixing draw is seeded from (seed, epoch, step), like the per-sample augmentation.
+    The mixing draw is seeded from (seed, epoch, step), like the per-sample augmentation. Returns the
+    (mixed) images, the soft target and the mixing coefficient (1 without mixing): timm's Mixup in its
+    batch mode, each image mixed with the batch reversed (``Mixup._mix_batch`` and ``mixup_target``,
+    what ``Mixup.__call__`` runs, called apart to keep the coefficient for cached teacher outputs).
     """
 
     def __init__(self, augment: AugmentConfig, num_classes: int, seed: int):
@@ -222,6 +273,8 @@ class Targets:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, step: int):
         if self.mixup is None:
-            return images, mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.smoothing)
+            return images, mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.smoothing), 1.0
+        images = images.clone()  # timm mixes in place
         with seeded(sample_seed(self.seed, epoch, step, 0x6D6978)):
-            return self.mixup(images.clone(), labels)  # timm mixes in place
+            lam = self.mixup._mix_batch(images)
+        return images, mixup_target(labels, self.num_classes, lam, self.smoothing), lam

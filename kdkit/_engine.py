@@ -34,6 +34,7 @@ from kdkit._experiment import Experiment
 from kdkit._model import DistillModel, predictions
 from kdkit._parts import Parts
 from kdkit._rundir import RunDir
+from kdkit._teacher_cache import mix_teacher_outputs
 
 DROP_PATH_STREAM = 0x64726F70  # "drop": the per-step seed of drop-path and dropout
 
@@ -206,8 +207,8 @@ class Trainer:
         state.model.train()
         self.parts.loaders.sampler.set_epoch(epoch, skip=state.batch * self.cfg.batch_size)
         last = time.perf_counter()
-        for images, labels in self.parts.loaders.train:
-            logged = self.train_step(images, labels, epoch)
+        for images, labels, *views in self.parts.loaders.train:
+            logged = self.train_step(images, labels, epoch, views or None)
             now = time.perf_counter()
             state.batch, state.seen, state.train_s = state.batch + 1, state.seen + len(labels), state.train_s + now - last
             for key, value in logged.items():
@@ -246,15 +247,22 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------------
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One optimizer update; the batch is split into ``accum_steps`` micro-batches, all terms kept."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, views=None) -> dict[str, float]:
+        """One optimizer update; the batch is split into ``accum_steps`` micro-batches, all terms kept.
+
+        ``views`` (image indices, view numbers) says which cached views the batch replays: the
+        teachers' outputs are then read from their caches (mixed as the images were) instead of computed.
+        """
         state, cfg = self.state, self.cfg
         torch.manual_seed(sample_seed(self.exp.seed, epoch, state.step, DROP_PATH_STREAM))
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        mixed, target = self.targets(images, labels, epoch=epoch, step=state.step)
+        mixed, target, lam = self.targets(images, labels, epoch=epoch, step=state.step)
+        cached = self.cached_teacher_logits(*views, lam) if views else None
         totals: dict[str, float] = defaultdict(float)
-        for chunk in zip(*(t.chunk(cfg.accum_steps) for t in (mixed, target, labels))):
-            loss, values = self.losses(*chunk)
+        for i, chunk in enumerate(zip(*(t.chunk(cfg.accum_steps) for t in (mixed, target, labels)))):
+            teachers = ({name: value.chunk(cfg.accum_steps)[i] for name, value in cached.items()} if cached
+                        else self.teacher_logits(chunk[0]))
+            loss, values = self.losses(*chunk, teachers)
             self.check_finite(values, epoch)
             (loss / cfg.accum_steps).backward()
             totals["loss"] += loss.item() / cfg.accum_steps
@@ -268,12 +276,21 @@ class Trainer:
         self.scheduler.step_update(state.step)
         return dict(totals)
 
-    def losses(self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor):
+    def teacher_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every needed teacher's fp32 logits for the very (mixed) batch the student sees."""
+        return {name: self.parts.teachers[name].logits(images, self.mean, self.std)
+                for name in self.parts.needed_teachers}
+
+    def cached_teacher_logits(self, indices: torch.Tensor, views: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
+        """Every needed teacher's cached output for these (image, view) pairs, mixed with coefficient ``lam``."""
+        return {name: mix_teacher_outputs(cache.log_probs(indices, views), lam).to(self.device)
+                for name, cache in self.parts.teacher_outputs.items()}
+
+    def losses(self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
+               teacher_logits: dict[str, torch.Tensor]):
         """Total loss and each weighted term, for one (micro-)batch."""
         with autocast(self.device, self.cfg.precision):
             logits = self.state.model(images)
-        teacher_logits = {name: self.parts.teachers[name].logits(images, self.mean, self.std)
-                          for name in self.parts.needed_teachers}
         values = {}
         for term in self.parts.terms:
             value = term.fn(logits[term.head], target=target, labels=labels,

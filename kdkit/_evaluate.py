@@ -21,10 +21,10 @@ from kdkit._engine import autocast
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
 from kdkit._model import DistillModel, predictions
-from kdkit._parts import Parts, build_parts, build_teachers, default_device
+from kdkit._parts import Parts, default_device
 from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
-from kdkit._run import ensure_teachers
+from kdkit._run import prepare
 from kdkit._rundir import RunDir
 
 
@@ -67,11 +67,8 @@ def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=
     if random and not allow_random_teachers:
         raise KdkitError(f"{run_dir}: the run used random teachers (no weights for {', '.join(map(repr, random))}); "
                          "--allow-random-teachers rebuilds the same random teachers from the run's seed")
-    ensure_teachers(exp, plugins, train_teachers=False)
     device = device or default_device()
-    torch.manual_seed(exp.seed)
-    parts = build_parts(exp, plugins, device)
-    parts.teachers = build_teachers(exp, plugins, parts, device)
+    parts = prepare(exp, plugins, device, train_teachers=False, caches=False)  # live teachers, never a cache
     model = export.load(rundir.export, plugins).to(device)
     if model.meta["class_names"] != list(parts.splits.class_names):
         raise KdkitError(f"{run_dir}: the student was trained on other classes than the recipe's data now has")

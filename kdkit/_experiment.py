@@ -16,6 +16,7 @@ from kdkit._model import PREDICTIONS
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe
 from kdkit._schema import accepts, check_table, conform, type_name
+from kdkit._teacher_cache import CacheSettings
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Experiment:
     augment: C.AugmentConfig
     eval: C.EvalConfig
     callbacks: dict[str, PluginSpec] = field(default_factory=dict)
+    teacher_cache: CacheSettings | None = None  # read the teachers' outputs from a cache of views
 
 
 def _table(recipe: Recipe, key: str, value, *, required: bool = False) -> dict:
@@ -174,8 +176,30 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
                             f"callbacks.{cname}", C.CALLBACK_KEYS, cname)
         for cname, table in _table(recipe, "callbacks", t.get("callbacks")).items()
     }
+    cache = None if t.get("teacher_cache") is None else \
+        _core(recipe, CacheSettings, _table(recipe, "teacher_cache", t["teacher_cache"]), "teacher_cache")
+    if cache is not None:
+        _check_teacher_cache(recipe, cache, losses, augment)
     return Experiment(recipe, name, seed, data, dataset, student, teachers, heads, losses, train, augment,
-                      evaluation, callbacks)
+                      evaluation, callbacks, cache)
+
+
+def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], augment: C.AugmentConfig) -> None:
+    """A cache of every logit serves any loss; mixed or top-k outputs only those that need no more than
+    the teachers' probabilities at temperature 1."""
+    for key in ("views", "top_k"):
+        if getattr(cache, key) < 0:
+            raise recipe.error(f"teacher_cache.{key}", f"must be 0 or more, got {getattr(cache, key)}")
+    why = "top_k keeps only the largest logits" if cache.top_k else \
+        "mixup/cutmix with a cache mixes the teachers' probabilities at temperature 1" if augment.mixing else None
+    if why is None:
+        return
+    for i, loss in enumerate(losses):
+        if loss.teachers and not getattr(loss.fn, "probabilities_only", False):
+            raise recipe.error(f"losses.{i}", f"{why}, which loss {loss.spec.plugin!r} as configured cannot use "
+                               "(it needs the teachers' logits: another tau, a mean_logit ensemble, DKD or DIST); "
+                               "train it with online teachers (no [teacher_cache])" +
+                               ("" if augment.mixing else " or a cache of every class (top_k = 0)"))
 
 
 def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:

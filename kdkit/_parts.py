@@ -8,6 +8,7 @@ writes nothing.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,13 +17,14 @@ from torch import nn
 from kdkit import _export as export
 from kdkit._checkpoint import load_weights
 from kdkit._config import default_data_root
-from kdkit._data import DatasetSplits, Loaders, build_loaders, split_datasets
+from kdkit._data import DatasetSplits, Loaders, build_loaders, indices_of, split_datasets
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, check_heads
 from kdkit._model import DistillModel, Predictor, build_distill_model
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._schema import check_table
-from kdkit._teacher import Teacher
+from kdkit._teacher import Teacher, weights_hash
+from kdkit._teacher_cache import views_of
 
 
 @dataclass
@@ -38,7 +40,8 @@ class LossTerm:
 
 @dataclass
 class Parts:
-    """Everything built from an experiment; ``teachers`` is filled by ``build_teachers``."""
+    """Everything built from an experiment; ``teachers`` is filled by ``build_teachers``, and
+    ``teacher_outputs`` (their caches, when the recipe reads teachers from a cache) after them."""
 
     splits: DatasetSplits
     train_set: torch.utils.data.Dataset
@@ -48,10 +51,21 @@ class Parts:
     terms: list[LossTerm]
     export_meta: dict
     teachers: dict[str, Teacher] = field(default_factory=dict)
+    teacher_outputs: dict | None = None
 
     @property
     def needed_teachers(self) -> list[str]:
         return sorted({t for term in self.terms for t in term.teachers})
+
+    @functools.cached_property
+    def teacher_hashes(self) -> dict[str, str]:
+        """Each teacher's weights hash: what a resumed run and a teacher-output cache check."""
+        return {name: weights_hash(teacher.model) for name, teacher in self.teachers.items()}
+
+    @functools.cached_property
+    def train_indices(self) -> list[int]:
+        """The training images' positions in the dataset's training split (after held-out and subset)."""
+        return indices_of(self.train_set)
 
     def normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The data's mean and std as (1, C, 1, 1) tensors: what teachers re-normalize from."""
@@ -71,8 +85,9 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device) -> Part
     splits = build_splits(exp, plugins)
     train_set, val_set = split_datasets(splits, data)
     test_set = splits.val if data.val_split > 0 else None  # else the validation set is the test split
+    views = views_of(exp) if exp.teacher_cache else 0
     loaders = build_loaders(train_set, val_set, test_set, data, batch_size=exp.train.batch_size, seed=exp.seed,
-                            repeats=exp.augment.repeated_aug)
+                            repeats=exp.augment.repeated_aug, views=views)
     if len(loaders.train) == 0:
         raise exp.recipe.error("train.batch_size", f"the training set has {len(train_set)} images, fewer than "
                                f"one batch of {exp.train.batch_size} (see data.limit_train and data.val_split)")

@@ -23,7 +23,28 @@ from kdkit._parts import Parts, build_parts, build_splits, build_teachers, defau
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe, diff_tables, load_recipe
 from kdkit._rundir import RunDir, default_run_dir, provenance
-from kdkit._teacher import weights_hash
+from kdkit._teacher_cache import open_caches, summary_of
+
+
+class BuildProgress:
+    """A progress bar for work before the run's own display starts (building teacher-output caches)."""
+
+    def __init__(self, console):
+        self.console, self.bar = console, None
+
+    def start(self, title: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=self.console)
+        self.bar.start()
+        self.task = self.bar.add_task(title, total=total)
+
+    def advance(self, count: int) -> None:
+        self.bar.update(self.task, advance=count)
+
+    def stop(self) -> None:
+        self.bar.stop()
 
 
 class TeacherWarning(UserWarning):
@@ -53,11 +74,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     if checkpoint is None:
         rundir.check_writable(force)
     device = default_device()
-    torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
-    parts = build_parts(exp, plugins, device)
-    with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
-        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console)
-    parts.teachers = build_teachers(exp, plugins, parts, device)
+    parts = prepare(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console)
     callbacks = build_callbacks(exp, plugins, progress)
     fixed = facts(exp, parts, recipe, plugins)
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
@@ -73,6 +90,30 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
             trainer.resume(checkpoint)
         trainer.fit()
     return rundir.path
+
+
+def prepare(exp: Experiment, plugins: Plugins, device: torch.device, *, train_teachers: bool, caches: bool = True,
+            progress: bool = False, console=None) -> Parts:
+    """Every part of ``exp``, built as every run builds it: the student (seeded first), then the teachers
+    (trained by their recipes first where missing), then their output caches (built first where missing)."""
+    torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
+    parts = build_parts(exp, plugins, device)
+    with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
+        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console)
+    parts.teachers = build_teachers(exp, plugins, parts, device)
+    if exp.teacher_cache and caches:
+        parts.teacher_outputs = open_caches(exp, parts, device, progress=BuildProgress(console) if console else None)
+    return parts
+
+
+def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bool = False, console=None) -> dict:
+    """``kdkit cache build``: the recipe's teacher-output caches, built where missing; their records."""
+    plugins = default_plugins()
+    exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
+    if exp.teacher_cache is None:
+        raise exp.recipe.error("teacher_cache", "the recipe reads no teacher-output cache: add a [teacher_cache] table")
+    parts = prepare(exp, plugins, default_device(), train_teachers=True, progress=console is not None, console=console)
+    return summary_of(parts.teacher_outputs)
 
 
 def resumable_checkpoint(rundir: RunDir, recipe: Recipe, allow_changes: bool) -> dict:
@@ -121,7 +162,8 @@ def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins) -> di
         "name": exp.name, "seed": exp.seed, "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
         "params": parts.model.eval_parameters(), "flops": flops.total,
         "flops_unsupported": flops.unsupported,
-        "teacher_hashes": {name: weights_hash(t.model) for name, t in parts.teachers.items()},
+        "teacher_hashes": parts.teacher_hashes,
+        "teacher_cache": summary_of(parts.teacher_outputs) if parts.teacher_outputs else None,
         **provenance(recipe.hash()),
     }
 

@@ -37,6 +37,7 @@ def kl(*, tau: float = 1.0, reduction: Literal["batchmean", "numel"] = "batchmea
         return divergence * tau**2 / scale
 
     loss.requires_teachers = True
+    loss.probabilities_only = tau == 1.0 and ensemble == "mean_prob"
     return loss
 
 
@@ -48,6 +49,7 @@ def hard():
         return F.cross_entropy(logits.float(), teacher_class)
 
     loss.requires_teachers = True
+    loss.probabilities_only = True
     return loss
 
 

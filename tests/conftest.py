@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from kdkit._cli import app
 from kdkit._engine import Trainer
 from kdkit._experiment import resolve
-from kdkit._parts import build_parts, build_teachers
 from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
+from kdkit._run import prepare
 from kdkit._rundir import RunDir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -106,13 +106,11 @@ def cli():
     return invoke
 
 
-def make_trainer(recipe_path, overrides=(), init_seed=0) -> Trainer:
+def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = False) -> Trainer:
     """A Trainer for a recipe (random teachers allowed), built as ``kdkit run`` builds it; no run directory."""
     plugins, cpu = default_plugins(), torch.device("cpu")
     exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=True)
-    torch.manual_seed(init_seed)
-    parts = build_parts(exp, plugins, cpu)
-    parts.teachers = build_teachers(exp, plugins, parts, cpu)
+    parts = prepare(exp, plugins, cpu, train_teachers=train_teachers)
     return Trainer(exp, parts, device=cpu, rundir=RunDir(recipe_path.parent / "unused"), hook=plugins.manager.hook,
                    summary={})
 

@@ -206,8 +206,8 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_and_keeps_the_previou
 def test_a_non_finite_loss_stops_the_run_naming_the_term(write_recipe, cli, tmp_path, monkeypatch):
     real_losses = Trainer.losses
 
-    def poisoned(self, images, target, labels):
-        total, values = real_losses(self, images, target, labels)
+    def poisoned(self, images, target, labels, teacher_logits):
+        total, values = real_losses(self, images, target, labels, teacher_logits)
         if self.state.step == 5:  # epoch 2, its second step
             values["kl/conv"] = values["kl/conv"] * math.nan
         return total, values

@@ -135,7 +135,7 @@ def test_predict_prints_top_classes(finished_run, cli, tmp_path):
 def test_a_broken_run_records_its_status(write_recipe, cli, tmp_path, monkeypatch):
     from kdkit._engine import Trainer
 
-    def broken_step(self, images, labels, epoch):
+    def broken_step(self, images, labels, epoch, views=None):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(Trainer, "train_step", broken_step)
