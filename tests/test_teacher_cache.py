@@ -14,7 +14,6 @@ from kdkit._data import replay
 from kdkit._errors import KdkitError
 from kdkit._experiment import resolve
 from kdkit._recipe import load_recipe
-from kdkit._teacher_cache import mix_teacher_outputs
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 
