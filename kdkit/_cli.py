@@ -93,13 +93,16 @@ def run(
     options = dict(force=force, resume=resume, allow_changes=allow_changes, allow_random_teachers=allow_random_teachers,
                    allow_weak_teachers=allow_weak_teachers, train_teachers=not no_train_teachers, progress=True,
                    console=err)
+    from kdkit._distributed import processes
+
     with reported():
         if seeds is None:
             paths = [run_recipe(recipe, override, out, **options)]
         else:
             paths = run_seeds(recipe, parse_seeds(seeds), override, out, **options)
-    for path in paths:
-        typer.echo(str(path))
+    if processes().is_main:
+        for path in paths:
+            typer.echo(str(path))
 
 
 @app.command()
@@ -255,8 +258,13 @@ def evaluate(
 
 
 def main() -> None:
+    from kdkit._distributed import shutdown
+
     warnings.showwarning = _show_warning
-    app()
+    try:
+        app()
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

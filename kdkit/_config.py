@@ -60,6 +60,7 @@ class TrainConfig:
     clip_grad: float = 0.0
     accum_steps: int = 1
     precision: Precision = "auto"
+    compile: bool = False  # torch.compile the student and its heads (training forward)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class EvalConfig:
 
 # Core keys of the plugin tables (the rest of each table goes to the plugin factory).
 STUDENT_KEYS = {"plugin"}
-TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes"}
+TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes", "compile"}
 HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
 CALLBACK_KEYS = {"plugin"}

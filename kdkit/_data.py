@@ -204,28 +204,33 @@ def indices_of(dataset: Dataset) -> list[int]:
 
 
 class EpochSampler(Sampler):
-    """A seeded permutation per epoch, yielding ``(epoch, index, copy)`` keys.
+    """A seeded permutation per epoch, yielding the ``(epoch, index, copy)`` keys of whole global batches.
 
     With ``repeats`` > 1 each image appears that many times in a row, each copy augmented
-    differently (DeiT's repeated augmentation), and the epoch is cut back to ``len(dataset)``.
-    ``set_epoch(epoch, skip)`` leaves out the epoch's first ``skip`` keys: a run resumed in the
-    middle of an epoch sees exactly the samples it had not trained on yet.
+    differently (DeiT's repeated augmentation), and the epoch is cut back to ``len(dataset)``. The
+    global order is the same for any number of processes: process ``rank`` of ``world`` takes its
+    share (``batch_size / world`` consecutive keys) of every global batch of ``batch_size``.
+    ``set_epoch(epoch, skip)`` leaves out the epoch's first ``skip`` global samples (whole batches):
+    a run resumed in the middle of an epoch sees exactly the samples it had not trained on yet.
     """
 
-    def __init__(self, size: int, seed: int, repeats: int = 1):
+    def __init__(self, size: int, seed: int, repeats: int = 1, batch_size: int = 1, rank: int = 0, world: int = 1):
         self.size, self.seed, self.repeats, self.epoch, self.skip = size, seed, max(1, repeats), 0, 0
+        self.batch_size, self.rank, self.share = batch_size, rank, batch_size // world
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return (self.size - self.skip) // self.batch_size * self.share
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
-        keys = [(self.epoch, i, c) for i in order for c in range(self.repeats)]
-        return iter(keys[self.skip: self.size])
+        keys = [(self.epoch, i, c) for i in order for c in range(self.repeats)][: self.size]
+        batches = range(self.skip, self.skip + len(self) // self.share * self.batch_size, self.batch_size)
+        first = self.rank * self.share  # this process's share of each global batch
+        return iter([key for start in batches for key in keys[start + first: start + first + self.share]])
 
 
 @dataclass
@@ -242,15 +247,21 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def build_loaders(train: Dataset, val: Dataset, test: Dataset | None, cfg: DataConfig, *, batch_size: int, seed: int,
-                  repeats: int = 1, views: int = 0) -> Loaders:
-    """Train batches are ``drop_last`` so mixup always sees an even, full batch. With ``views`` (a
-    teacher-output cache) they are replayed views and carry each sample's (index, view)."""
-    sampler = EpochSampler(len(train), seed, repeats)
+                  repeats: int = 1, views: int = 0, rank: int = 0, world: int = 1) -> Loaders:
+    """Batches of whole global batches' shares (``batch_size`` is global), so mixup always sees an even,
+    full batch. With ``views`` (a teacher-output cache) they are replayed views and carry each sample's
+    (index, view). With several processes each evaluates every ``world``-th validation and test image."""
+    sampler = EpochSampler(len(train), seed, repeats, batch_size, rank, world)
     items = ViewDataset(train, seed, views, repeats) if views else SeededDataset(train, seed)
     common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                  worker_init_fn=_ignore_sigint if cfg.workers > 0 else None)
-    train_loader = DataLoader(items, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
-    val_loader, test_loader = (DataLoader(split, batch_size=cfg.batch_size_eval, shuffle=False, **common)
+                  worker_init_fn=_ignore_sigint if cfg.workers > 0 else None,
+                  pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(items, batch_size=batch_size // world, sampler=sampler, drop_last=True, **common)
+
+    def shard(split):
+        return split if world == 1 else Subset(split, range(rank, len(split), world))
+
+    val_loader, test_loader = (DataLoader(shard(split), batch_size=cfg.batch_size_eval, shuffle=False, **common)
                                if split is not None else None for split in (val, test))
     return Loaders(train_loader, val_loader, sampler, test_loader)
 

@@ -13,6 +13,7 @@ resumed run, given the state a checkpoint holds, continues exactly as if it had 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -29,9 +30,10 @@ from torch import nn
 
 from kdkit._config import TrainConfig
 from kdkit._data import Targets, sample_seed
+from kdkit._distributed import Processes
 from kdkit._errors import KdkitError, RunFailed, RunInterrupted
 from kdkit._experiment import Experiment
-from kdkit._model import DistillModel, predictions
+from kdkit._model import DistillModel, prediction_names, predictions
 from kdkit._parts import Parts
 from kdkit._rundir import RunDir
 from kdkit._teacher_cache import mix_teacher_outputs
@@ -132,16 +134,22 @@ class Trainer:
     """One run of ``exp``: its parts, state, the run directory and the summary it keeps.
 
     ``hook`` is the plugin manager's hook relay (every plugin and the run's callbacks). Plugins read
-    ``state``, ``summary``, ``rundir``, ``export_meta`` and ``resumed``; they never change the state.
+    ``state``, ``summary``, ``rundir``, ``export_meta``, ``resumed`` and ``is_main``; they never change
+    the state. With several processes (torchrun) every process runs the hooks; only the main one
+    (``is_main``, rank 0) should write files or print.
     """
 
     def __init__(self, exp: Experiment, parts: Parts, *, device: torch.device, rundir: RunDir, hook,
-                 summary: dict):
+                 summary: dict, processes: Processes = Processes()):
         self.exp, self.parts, self.cfg, self.device = exp, parts, exp.train, device
-        self.rundir, self.hook, self.summary = rundir, hook, summary
+        self.rundir, self.hook, self.summary, self.processes = rundir, hook, summary, processes
+        self.is_main = processes.is_main
         self.export_meta = parts.export_meta
         self.steps_per_epoch = len(parts.loaders.train)
         self.state = TrainState(parts.model, create_optimizer(parts.model, self.cfg))
+        self.forward = self.data_parallel(parts.model) if processes.active else parts.model
+        if self.cfg.compile:
+            self.forward = torch.compile(self.forward)
         self.scheduler = create_schedule(self.state.optimizer, self.cfg, self.steps_per_epoch)
         self.scheduler.step_update(0)
         self.targets = Targets(exp.augment, parts.splits.num_classes, exp.seed)
@@ -149,6 +157,14 @@ class Trainer:
         self.resumed = False
         self.stop = StopOnSignal()
         self.clock = (time.perf_counter(), 0.0)
+
+    def data_parallel(self, model: DistillModel) -> nn.Module:
+        """The student and its heads in DistributedDataParallel; the teachers stay outside it, replicated.
+        A head no loss trains gets no gradient, which DDP must be told to expect."""
+        trained = {term.head for term in self.parts.terms}
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=not trained >= set(model.heads))
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -182,18 +198,23 @@ class Trainer:
                 for epoch in range(self.state.epoch, self.cfg.epochs):
                     self.train_epoch(epoch)
                     self.end_epoch(epoch)
-                    if self.stop.signum is not None:
+                    if self.stopping():
                         raise _Stop
                 self.summary.update(self.evaluate_test(), infer_images_per_s=self.inference_speed())
                 status = "completed"
         except _Stop:
             status = "interrupted"
-            name = signal.Signals(self.stop.signum).name
-            raise RunInterrupted(f"{name}: stopped at epoch {self.state.epoch + 1}, step {self.state.batch} of "
-                                 f"{self.steps_per_epoch}; resume with --resume", self.stop.signum) from None
+            signum = self.stop.signum or signal.SIGTERM  # another process may have been the one signalled
+            raise RunInterrupted(f"{signal.Signals(signum).name}: stopped at epoch {self.state.epoch + 1}, step "
+                                 f"{self.state.batch} of {self.steps_per_epoch}; resume with --resume", signum) from None
         finally:
             self.summary.update(status=status, wall_s=self.wall_s)
             self.hook.kdkit_run_end(trainer=self, status=status)
+
+    def stopping(self) -> bool:
+        """Whether a signal asked to stop, in any process: all processes stop after the same step."""
+        asked = torch.tensor([float(self.stop.signum is not None)], device=self.device)
+        return bool(self.processes.sum(asked).item()) if self.processes.active else self.stop.signum is not None
 
     @property
     def wall_s(self) -> float:
@@ -214,7 +235,7 @@ class Trainer:
             for key, value in logged.items():
                 state.sums[key] = state.sums.get(key, 0.0) + value
             self.hook.kdkit_step_end(trainer=self, logged=logged)
-            if self.stop.signum is not None:
+            if self.stopping():
                 raise _Stop
             last = time.perf_counter()
 
@@ -254,7 +275,8 @@ class Trainer:
         teachers' outputs are then read from their caches (mixed as the images were) instead of computed.
         """
         state, cfg = self.state, self.cfg
-        torch.manual_seed(sample_seed(self.exp.seed, epoch, state.step, DROP_PATH_STREAM))
+        process = (self.processes.rank,) if self.processes.active else ()  # each process its own masks
+        torch.manual_seed(sample_seed(self.exp.seed, epoch, state.step, DROP_PATH_STREAM, *process))
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         mixed, target, lam = self.targets(images, labels, epoch=epoch, step=state.step)
         cached = self.cached_teacher_logits(*views, lam) if views else None
@@ -262,12 +284,14 @@ class Trainer:
         for i, chunk in enumerate(zip(*(t.chunk(cfg.accum_steps) for t in (mixed, target, labels)))):
             teachers = ({name: value.chunk(cfg.accum_steps)[i] for name, value in cached.items()} if cached
                         else self.teacher_logits(chunk[0]))
-            loss, values = self.losses(*chunk, teachers)
-            self.check_finite(values, epoch)
-            (loss / cfg.accum_steps).backward()
-            totals["loss"] += loss.item() / cfg.accum_steps
-            for name, value in values.items():
-                totals[name] += value.item() / cfg.accum_steps
+            last = i == cfg.accum_steps - 1  # DDP averages the gradients once, after the last micro-batch
+            with contextlib.nullcontext() if last or not self.processes.active else self.forward.no_sync():
+                loss, values = self.losses(*chunk, teachers)
+                logged = self.logged(loss, values)
+                self.check_finite(logged, epoch)
+                (loss / cfg.accum_steps).backward()
+            for name, value in logged.items():
+                totals[name] += value / cfg.accum_steps
         if cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
         state.optimizer.step()
@@ -290,7 +314,7 @@ class Trainer:
                teacher_logits: dict[str, torch.Tensor]):
         """Total loss and each weighted term, for one (micro-)batch."""
         with autocast(self.device, self.cfg.precision):
-            logits = self.state.model(images)
+            logits = self.forward(images)
         values = {}
         for term in self.parts.terms:
             value = term.fn(logits[term.head], target=target, labels=labels,
@@ -298,11 +322,17 @@ class Trainer:
             values[term.name] = term.weight * value
         return sum(values.values()), values
 
-    def check_finite(self, values: dict[str, torch.Tensor], epoch: int) -> None:
-        """Stop at the first non-finite loss term, before it reaches the weights."""
-        for name, value in values.items():
-            if not math.isfinite(value.item()):
-                raise RunFailed(f"the loss term {name!r} is {value.item()} at epoch {epoch + 1}, step "
+    def logged(self, loss: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The micro-batch's loss and terms as numbers, averaged over the processes (the same on each)."""
+        names = ["loss", *values]
+        stacked = torch.stack([loss.detach(), *(v.detach() for v in values.values())]).float()
+        return dict(zip(names, (self.processes.sum(stacked) / self.processes.world).tolist()))
+
+    def check_finite(self, logged: dict[str, float], epoch: int) -> None:
+        """Stop at the first non-finite loss term, before it reaches the weights (every process alike)."""
+        for name, value in logged.items():
+            if name != "loss" and not math.isfinite(value):
+                raise RunFailed(f"the loss term {name!r} is {value} at epoch {epoch + 1}, step "
                                 f"{self.state.batch + 1} of {self.steps_per_epoch} (optimizer step "
                                 f"{self.state.step + 1}); the run stops, its last good checkpoint is kept")
 
@@ -324,21 +354,26 @@ class Trainer:
         """Top-1 (%) per head and for the eval prediction (``eval``) on the validation set (or ``loader``).
 
         ``model`` defaults to the trained one; a plugin may pass another with the same heads (an EMA copy).
+        Each process evaluates its shard and the counts are summed: every image counts exactly once.
         """
         model = self.state.model if model is None else model
         was_training = model.training
         model.eval()
-        correct: dict[str, int] = defaultdict(int)
-        total = 0
+        names = prediction_names(list(model.heads))
+        hits = torch.zeros(len(names) + 1, dtype=torch.float64)  # per prediction, then the image count
         for images, labels in self.parts.loaders.val if loader is None else loader:
             images, labels = images.to(self.device), labels.to(self.device)
             with autocast(self.device, self.cfg.precision):
                 logits = predictions(model(images), model.eval_heads)
-            for name, value in logits.items():
-                correct[name] += (value.argmax(-1) == labels).sum().item()
-            total += len(labels)
+            hits += torch.tensor([(logits[n].argmax(-1) == labels).sum().item() for n in names] + [len(labels)])
         model.train(was_training)
-        return {k: 100.0 * v / total for k, v in correct.items()}
+        return self.top1(names, hits)
+
+    def top1(self, names: list[str], hits: torch.Tensor) -> dict[str, float]:
+        """Top-1 (%) from each process's hits (one count per name, then the images), summed over processes."""
+        hits = self.processes.sum(hits.to(self.device)).cpu()
+        counts = hits.tolist()
+        return {name: 100.0 * counts[i] / counts[-1] for i, name in enumerate(names)}
 
     @torch.no_grad()
     def inference_speed(self, warmup: int = 2, repeats: int = 5) -> float:
@@ -363,10 +398,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate_teacher(self, name: str) -> float:
         """Validation top-1 (%) of one teacher, on the inputs it gets during training."""
-        correct = total = 0
+        hits = torch.zeros(2, dtype=torch.float64)
         for images, labels in self.parts.loaders.val:
             images, labels = images.to(self.device), labels.to(self.device)
             logits = self.parts.teachers[name].logits(images, self.mean, self.std)
-            correct += (logits.argmax(-1) == labels).sum().item()
-            total += len(labels)
-        return 100.0 * correct / total
+            hits += torch.tensor([(logits.argmax(-1) == labels).sum().item(), len(labels)])
+        return self.top1([name], hits)[name]

@@ -47,6 +47,7 @@ class TeacherSpec:
     precision: str = "auto"
     recipe: Recipe | None = None  # the recipe that trains this teacher, when it is not trained yet
     classes: list[str] | None = None  # the teacher's classes in its output order, when the recipe names them
+    compile: bool = False  # torch.compile its forward
 
 
 @dataclass
@@ -228,10 +229,13 @@ def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> 
     checkpoint = _typed(recipe, f"{key}.checkpoint", table.get("checkpoint"), str, "")
     pretrained = _typed(recipe, f"{key}.pretrained", table.get("pretrained"), bool, False)
     precision = _typed(recipe, f"{key}.precision", table.get("precision"), C.Precision, "auto")
+    compile_ = _typed(recipe, f"{key}.compile", table.get("compile"), bool, False)
     from kdkit._export import is_export  # a kdkit export rebuilds its own model
 
     if "recipe" in table:
-        return _teacher_from_recipe(recipe, plugins, name, table, precision, data)
+        spec = _teacher_from_recipe(recipe, plugins, name, table, precision, data)
+        spec.compile = compile_
+        return spec
     if checkpoint and not Path(checkpoint).exists():
         raise recipe.error(f"{key}.checkpoint", f"no such file or directory: {checkpoint}")
     if checkpoint and is_export(checkpoint):
@@ -242,7 +246,7 @@ def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> 
         if extra:
             raise recipe.error(f"{key}.{sorted(extra)[0]}", "unknown key for a teacher loaded from a kdkit export "
                                "(it carries its own model and class names)")
-        return TeacherSpec(name, None, checkpoint, False, precision)
+        return TeacherSpec(name, None, checkpoint, False, precision, compile=compile_)
     spec = _plugin_spec(recipe, plugins, "teacher", table, key, C.TEACHER_KEYS)
     if pretrained and not accepts(plugins.get("teacher", spec.plugin), "pretrained"):
         raise recipe.error(f"{key}.pretrained", f"teacher plugin {spec.plugin!r} has no pretrained weights")
@@ -250,7 +254,7 @@ def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> 
         raise recipe.error(key, "the teacher has no weights: set checkpoint or pretrained "
                            "(kdkit run --allow-random-teachers allows random teachers, for smoke tests)")
     classes = _class_names(recipe, f"{key}.classes", table.get("classes"))
-    return TeacherSpec(name, spec, checkpoint, pretrained, precision, classes=classes)
+    return TeacherSpec(name, spec, checkpoint, pretrained, precision, classes=classes, compile=compile_)
 
 
 def _class_names(recipe, key: str, value) -> list[str] | None:
@@ -273,10 +277,10 @@ def _teacher_from_recipe(recipe, plugins, name, table, precision, data: C.DataCo
 
     key = f"teachers.{name}"
     path = _typed(recipe, f"{key}.recipe", table.get("recipe"), str, "")
-    extra = table.keys() - {"recipe", "precision"}
+    extra = table.keys() - {"recipe", "precision", "compile"}
     if extra:
-        raise recipe.error(f"{key}.{sorted(extra)[0]}", "a teacher given by 'recipe' takes only 'precision' "
-                           "besides it: its model and weights come from the recipe's run")
+        raise recipe.error(f"{key}.{sorted(extra)[0]}", "a teacher given by 'recipe' takes only 'precision' and "
+                           "'compile' besides it: its model and weights come from the recipe's run")
     if not Path(path).is_file():
         raise recipe.error(f"{key}.recipe", f"no such recipe file: {path}")
     teacher_recipe = load_recipe(path)

@@ -51,6 +51,11 @@ def combine(logits: dict[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
 PREDICTIONS = ("eval", "heads_mean")  # names the heads cannot take: evaluation reports these too
 
 
+def prediction_names(heads: list[str]) -> list[str]:
+    """What ``predictions`` returns for these heads, in its order."""
+    return [*heads, "eval", *(["heads_mean"] if len(heads) > 1 else [])]
+
+
 def predictions(logits: dict[str, torch.Tensor], eval_heads: list[str]) -> dict[str, torch.Tensor]:
     """Every head's logits plus ``eval`` (the mean of ``eval_heads``, the model's prediction) and, with
     several heads, ``heads_mean`` (the mean of all of them: the released CivT code's rule)."""

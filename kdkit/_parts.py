@@ -17,6 +17,7 @@ from torch import nn
 from kdkit import _export as export
 from kdkit._checkpoint import load_weights
 from kdkit._config import default_data_root
+from kdkit._distributed import Processes
 from kdkit._data import DatasetSplits, Loaders, build_loaders, indices_of, split_datasets
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, check_heads
@@ -79,15 +80,22 @@ def build_splits(exp: Experiment, plugins: Plugins) -> DatasetSplits:
                              augment=exp.augment, num_classes=data.num_classes)
 
 
-def build_parts(exp: Experiment, plugins: Plugins, device: torch.device) -> Parts:
-    """Data, loaders, the student with its heads and the loss terms, checked by a one-image forward."""
-    data = exp.data
+def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, processes: Processes = Processes()) -> Parts:
+    """Data, loaders, the student with its heads and the loss terms, checked by a one-image forward.
+
+    With several processes ``train.batch_size`` stays the global batch, split evenly among them.
+    """
+    data, train = exp.data, exp.train
+    if train.batch_size % (processes.world * train.accum_steps):
+        raise exp.recipe.error("train.batch_size", f"{train.batch_size} does not split into {processes.world} "
+                               f"processes x {train.accum_steps} micro-batches (train.accum_steps) of equal size")
     splits = build_splits(exp, plugins)
     train_set, val_set = split_datasets(splits, data)
     test_set = splits.val if data.val_split > 0 else None  # else the validation set is the test split
     views = views_of(exp) if exp.teacher_cache else 0
-    loaders = build_loaders(train_set, val_set, test_set, data, batch_size=exp.train.batch_size, seed=exp.seed,
-                            repeats=exp.augment.repeated_aug, views=views)
+    loaders = build_loaders(train_set, val_set, test_set, data, batch_size=train.batch_size, seed=exp.seed,
+                            repeats=exp.augment.repeated_aug, views=views, rank=processes.rank,
+                            world=processes.world)
     if len(loaders.train) == 0:
         raise exp.recipe.error("train.batch_size", f"the training set has {len(train_set)} images, fewer than "
                                f"one batch of {exp.train.batch_size} (see data.limit_train and data.val_split)")
@@ -170,12 +178,13 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
     """One teacher, its outputs mapped onto the data's classes when it names its own (``classes``)."""
     spec = exp.teachers[name]
     bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+    options = dict(bf16=bf16, compile=spec.compile)
     if spec.spec is None:  # a kdkit export: its own model, normalization and class list
         trained = export.load(spec.checkpoint, plugins)
         meta = trained.meta
         index = class_index(exp, f"teachers.{name}.checkpoint", meta["class_names"], splits.class_names)
         return Teacher(Predictor(trained), mean=meta["mean"], std=meta["std"], input_size=meta["image_size"],
-                       bf16=bf16, class_index=index).to(device)
+                       class_index=index, **options).to(device)
     outputs = len(spec.classes) if spec.classes else splits.num_classes
     context = dict(num_classes=outputs, in_chans=splits.in_chans, img_size=exp.data.image_size)
     if spec.pretrained:
@@ -184,6 +193,7 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
     if spec.checkpoint:
         load_weights(model, spec.checkpoint)
     index = class_index(exp, f"teachers.{name}.classes", spec.classes, splits.class_names) if spec.classes else None
+    options["channels_last"] = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if spec.pretrained:  # timm's pretrained_cfg says how the weights expect their input
         cfg = getattr(model, "pretrained_cfg", {})
         if cfg.get("num_classes", outputs) != outputs:
@@ -193,8 +203,8 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
                                    f"of its {cfg['num_classes']} class names in output order) to use the logits of "
                                    "the data's classes")
         size = cfg.get("input_size", (0, exp.data.image_size))[-1]
-        return Teacher(model, input_size=size, bf16=bf16, class_index=index).to(device)
-    return Teacher(model, mean=splits.mean, std=splits.std, bf16=bf16, class_index=index).to(device)
+        return Teacher(model, input_size=size, class_index=index, **options).to(device)
+    return Teacher(model, mean=splits.mean, std=splits.std, class_index=index, **options).to(device)
 
 
 def class_index(exp: Experiment, key: str, teacher_classes: list[str], data_classes: list[str]) -> list[int] | None:

@@ -14,12 +14,14 @@ import torch
 
 from kdkit._checkpoint import load_checkpoint
 from kdkit._config import RUN_CALLBACKS, cache_root
+from kdkit._distributed import Processes
+from kdkit._distributed import processes as current_processes
 from kdkit._engine import Trainer
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
 from kdkit._flops import FlopCount, count_flops, plugin_rules
 from kdkit._model import Predictor
-from kdkit._parts import Parts, build_parts, build_splits, build_teachers, default_device
+from kdkit._parts import Parts, build_parts, build_splits, build_teachers
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe, diff_tables, load_recipe
 from kdkit._rundir import RunDir, default_run_dir, provenance
@@ -64,45 +66,57 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     differ from the run's are refused unless ``allow_changes``. A teacher at most twice chance on
     validation is refused unless ``allow_weak_teachers`` (or ``allow_random_teachers``: a random
     teacher is at chance). ``progress`` adds the progress display; ``console`` (a rich Console)
-    receives messages about teachers being trained; otherwise nothing prints.
+    receives messages about teachers being trained; otherwise nothing prints. Under torchrun every
+    process runs this: they train together, and only rank 0 writes and prints.
     """
     plugins = default_plugins()
+    processes = current_processes()
+    progress, console = progress and processes.is_main, console if processes.is_main else None
     recipe = load_recipe(recipe_path, list(overrides))
     exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
     rundir = RunDir(out or default_run_dir(recipe))
-    checkpoint = resumable_checkpoint(rundir, recipe, allow_changes) if resume else None
-    if checkpoint is None:
-        rundir.check_writable(force)
-    device = default_device()
-    parts = prepare(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console)
-    callbacks = build_callbacks(exp, plugins, progress)
-    fixed = facts(exp, parts, recipe, plugins)
+    if resume:
+        processes.on_main(lambda: check_resumable(rundir, recipe, allow_changes))
+    else:
+        processes.on_main(lambda: rundir.check_writable(force))
+    checkpoint = load_checkpoint(rundir.last) if resume else None
+    device = processes.device()
+    parts = prepare(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console,
+                    processes=processes)
+    callbacks = build_callbacks(exp, plugins, progress, processes)
+    fixed = facts(exp, parts, recipe, plugins, processes)
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
-    trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary)
+    trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary,
+                      processes=processes)
     if checkpoint is None:
         summary["teacher_top1"] = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
-        rundir.create(recipe.to_toml())
+        processes.on_main(lambda: rundir.create(recipe.to_toml()))
     else:
         check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
-        rundir.write_recipe(recipe.to_toml())
-    with plugins.joined(callbacks):
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-        trainer.fit()
+        processes.on_main(lambda: rundir.write_recipe(recipe.to_toml()))
+    try:
+        with plugins.joined(callbacks):
+            if checkpoint is not None:
+                trainer.resume(checkpoint)
+            trainer.fit()
+    finally:
+        processes.barrier()  # rank 0 has written everything (the export) before any process goes on
     return rundir.path
 
 
 def prepare(exp: Experiment, plugins: Plugins, device: torch.device, *, train_teachers: bool, caches: bool = True,
-            progress: bool = False, console=None) -> Parts:
+            progress: bool = False, console=None, processes: Processes = Processes()) -> Parts:
     """Every part of ``exp``, built as every run builds it: the student (seeded first), then the teachers
     (trained by their recipes first where missing), then their output caches (built first where missing)."""
     torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
-    parts = build_parts(exp, plugins, device)
+    parts = build_parts(exp, plugins, device, processes)
     with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
-        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console)
+        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console,
+                        processes=processes)
     parts.teachers = build_teachers(exp, plugins, parts, device)
     if exp.teacher_cache and caches:
-        parts.teacher_outputs = open_caches(exp, parts, device, progress=BuildProgress(console) if console else None)
+        parts.teacher_outputs = open_caches(exp, parts, device, processes=processes,
+                                            progress=BuildProgress(console) if console else None)
     return parts
 
 
@@ -112,12 +126,15 @@ def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bo
     exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
     if exp.teacher_cache is None:
         raise exp.recipe.error("teacher_cache", "the recipe reads no teacher-output cache: add a [teacher_cache] table")
-    parts = prepare(exp, plugins, default_device(), train_teachers=True, progress=console is not None, console=console)
+    processes = current_processes()
+    console = console if processes.is_main else None
+    parts = prepare(exp, plugins, processes.device(), train_teachers=True, progress=console is not None,
+                    console=console, processes=processes)
     return summary_of(parts.teacher_outputs)
 
 
-def resumable_checkpoint(rundir: RunDir, recipe: Recipe, allow_changes: bool) -> dict:
-    """The run's ``last.pt``, after checking that the recipe is the run's (or that changes are allowed)."""
+def check_resumable(rundir: RunDir, recipe: Recipe, allow_changes: bool) -> None:
+    """The run has a ``last.pt`` and its recipe is this one (or changes are allowed)."""
     if not rundir.recipe.is_file():
         raise KdkitError(f"{rundir.path}: nothing to resume (no run directory with a recipe.toml there)")
     if not rundir.last.is_file():
@@ -127,7 +144,6 @@ def resumable_checkpoint(rundir: RunDir, recipe: Recipe, allow_changes: bool) ->
     if changes and not allow_changes:
         raise KdkitError(f"{rundir.recipe}: the recipe differs from the run's; --allow-changes resumes anyway. "
                          f"Changed: {'; '.join(changes)}")
-    return load_checkpoint(rundir.last)
 
 
 def check_teachers_unchanged(rundir: RunDir, checkpoint: dict, hashes: dict[str, str], allow_changes: bool) -> None:
@@ -155,11 +171,12 @@ def student_flops(exp: Experiment, parts: Parts, plugins: Plugins) -> FlopCount:
     return flops
 
 
-def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins) -> dict:
+def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins, processes: Processes) -> dict:
     """What the summary says about the run that training does not change (recomputed on resume)."""
     flops = student_flops(exp, parts, plugins)
     return {
-        "name": exp.name, "seed": exp.seed, "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
+        "name": exp.name, "seed": exp.seed, "world_size": processes.world,
+        "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
         "params": parts.model.eval_parameters(), "flops": flops.total,
         "flops_unsupported": flops.unsupported,
         "teacher_hashes": parts.teacher_hashes,
@@ -186,12 +203,16 @@ def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:
     return top1
 
 
-def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool) -> dict[str, object]:
-    """Every run's callbacks (files, checkpoints, export), the progress display if asked, and the recipe's."""
+def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes: Processes) -> dict[str, object]:
+    """Every run's callbacks (files, checkpoints, export), the progress display if asked, and the recipe's.
+
+    A callback marked ``main_process_only`` (one that writes files or prints) joins rank 0's run alone.
+    """
     names = [*RUN_CALLBACKS, *(["progress"] if progress else [])]
     callbacks = {name: plugins.get("callback", name)() for name in names if name not in exp.callbacks}
     callbacks.update({name: spec.build(plugins) for name, spec in exp.callbacks.items()})
-    return callbacks
+    return {name: callback for name, callback in callbacks.items()
+            if processes.is_main or not getattr(callback, "main_process_only", False)}
 
 
 def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
@@ -203,18 +224,21 @@ def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
 
 
 def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, progress: bool = False,
-                    console=None) -> None:
-    """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run."""
+                    console=None, processes: Processes = Processes()) -> None:
+    """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run.
+
+    Under torchrun the same processes train it, data-parallel, as its own run (rank 0 decides what to do).
+    """
     for name, spec in exp.teachers.items():
         if spec.recipe is None:
             continue
         out = teacher_run_dir(spec.recipe, plugins)
         rundir = RunDir(out)
-        if rundir.status() != "completed":
+        status, resume = processes.on_main(lambda: (rundir.status(), rundir.last.is_file()))
+        if status != "completed":
             if not train_teachers:
                 raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
                                        "or unfinished); run without --no-train-teachers to train it")
-            resume = rundir.last.is_file()
             if console is not None:
                 console.print(f"[bold]{'resuming' if resume else 'training'} teacher {name!r}[/] from "
                               f"{spec.recipe.path} in {out}")

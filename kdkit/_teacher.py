@@ -18,9 +18,19 @@ class Teacher(DistillationTeacher):
     """
 
     def __init__(self, model: nn.Module, *, mean=None, std=None, input_size: int | None = None,
-                 bf16: bool = False, class_index: list[int] | None = None):
+                 bf16: bool = False, class_index: list[int] | None = None, channels_last: bool = False,
+                 compile: bool = False):
         super().__init__(model)
         self.class_index = class_index  # the model's output for each of the data's classes, when they differ
+        self.channels_last = channels_last  # a convolutional teacher on a GPU runs faster channels-last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        split = all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier"))
+        whole = model
+        features = (lambda x: model.forward_head(model.forward_features(x), pre_logits=True)) if split else None
+        if compile:  # compiled on first use; kept out of the module tree, so the weights and their hash stay
+            whole, features = torch.compile(whole), features and torch.compile(features)
+        self.calls = (whole, features)
         if mean is not None:
             self.mean_kd = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
             self.std_kd = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -44,18 +54,19 @@ class Teacher(DistillationTeacher):
         if self.input_size and x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
                               antialias=x.shape[-1] > self.input_size)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.classify(x)
         return logits if self.class_index is None else logits[:, self.class_index]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        split = self.bf16 and all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier"))
+        whole, features = self.calls
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if not split:
-                return model(x).float()
-            features = model.forward_head(model.forward_features(x), pre_logits=True)
+            if not (self.bf16 and features):
+                return whole(x).float()
+            pooled = features(x)
         with torch.autocast(x.device.type, enabled=False):
-            return model.get_classifier()(features.float())
+            return self.model.get_classifier()(pooled.float())
 
 
 def teacher_log_probs(teacher_logits: list[torch.Tensor], tau: float, ensemble: str) -> torch.Tensor:

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdkit._checkpoint import atomic_write
 from kdkit._config import cache_root
 from kdkit._data import fingerprint, replay
+from kdkit._distributed import Processes
 from kdkit._errors import KdkitError
 from kdkit._recipe import diff_tables
 
@@ -67,6 +68,7 @@ class TeacherOutputs:
         self.path, self.key, self.images, self.classes = path, key, images, classes
         self.views, self.top_k = key["views"], key["top_k"]
         self.chunks = -(-images // CHUNK)
+        self.build_s = 0.0  # how long this process took to build its chunks, this time
         shapes = ({"logits": ((images, self.views, classes), np.float16)} if not self.top_k else
                   {"values": ((images, self.views, self.top_k), np.float16),
                    "classes": ((images, self.views, self.top_k), np.int32),
@@ -115,10 +117,14 @@ class TeacherOutputs:
         marker = self.path / "chunks" / f"{chunk}.done"
         atomic_write(marker, lambda tmp: tmp.write_text(""))
 
-    def finish(self, build_s: float) -> None:
+    def finish(self) -> None:
+        """Mark the cache complete once every chunk is done (the main process, after all have built)."""
+        missing = [c for c in range(self.chunks) if not self.done(c)]
+        if missing:
+            raise KdkitError(f"{self.path}: {len(missing)} chunks of the teacher-output cache are not built")
         size = sum(f.stat().st_size for f in self.files.values())
         record = {"images": self.images, "views": self.views, "top_k": self.top_k, "bytes": size,
-                  "bytes_per_image": size / self.images, "build_s": round(build_s, 1)}
+                  "bytes_per_image": size / self.images, "build_s": round(self.build_s, 1)}
         atomic_write(self.path / "complete.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
     # --- reading ----------------------------------------------------------------------------------
@@ -164,9 +170,12 @@ def views_of(exp) -> int:
     return exp.teacher_cache.views or exp.train.epochs * exp.augment.repeated_aug
 
 
-def open_caches(exp, parts, device, *, build: bool = True, rank: int = 0, world: int = 1,
+def open_caches(exp, parts, device, *, build: bool = True, processes: Processes = Processes(),
                 progress=None) -> dict[str, TeacherOutputs]:
-    """Every needed teacher's cache, built first where missing or unfinished (unless ``build`` is false)."""
+    """Every needed teacher's cache, built first where missing or unfinished (unless ``build`` is false).
+
+    Several processes build it together: each its share of the chunks (by global image index).
+    """
     settings: CacheSettings = exp.teacher_cache
     root = Path(settings.root) if settings.root else cache_root() / "teacher_outputs"
     views = views_of(exp)
@@ -178,8 +187,12 @@ def open_caches(exp, parts, device, *, build: bool = True, rank: int = 0, world:
             if not build:
                 raise KdkitError(f"{cache.path}: the teacher-output cache of {name!r} is not built yet "
                                  "(kdkit cache build RECIPE builds it)")
-            cache.create()
-            build_cache(cache, exp, parts, teacher, device, rank=rank, world=world, progress=progress)
+            processes.on_main(cache.create)
+            build_cache(cache, exp, parts, teacher, device, rank=processes.rank, world=processes.world,
+                        progress=progress)
+            processes.barrier()
+            if not cache.complete:
+                processes.on_main(lambda: cache.finish())
         else:
             cache.create()  # checks the key
         cache.open()
@@ -220,8 +233,7 @@ def build_cache(cache: TeacherOutputs, exp, parts, teacher, device, *, rank: int
             if progress is not None:
                 progress.advance(len(images))
         cache.write_chunk(chunk, torch.cat(outputs).view(len(indices), cache.views, -1))
-    if all(cache.done(c) for c in range(cache.chunks)) and not cache.complete:
-        cache.finish(time.perf_counter() - start)
+    cache.build_s = time.perf_counter() - start
     if progress is not None:
         progress.stop()
 

@@ -14,6 +14,8 @@ from kdkit import api
 class Checkpoints:
     """Writes the trainer's whole state (``Trainer.checkpoint()``) into the run directory."""
 
+    main_process_only = True
+
     @api.hookimpl
     def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
         checkpoint = trainer.checkpoint()

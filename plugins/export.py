@@ -7,6 +7,8 @@ from kdkit import api
 class Export:
     """Writes the trained student and its heads, with what ``kdkit.load`` needs to rebuild them."""
 
+    main_process_only = True
+
     @api.hookimpl
     def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
         if status == "completed":

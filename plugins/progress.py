@@ -14,6 +14,8 @@ from kdkit import api
 class ProgressDisplay:
     """Shows the run as it goes: teachers' top-1, steps with loss terms and speed, epochs' top-1."""
 
+    main_process_only = True
+
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None

@@ -12,6 +12,8 @@ from kdkit import api
 class RunFiles:
     """Writes ``metrics.jsonl`` and ``summary.json`` into the run directory."""
 
+    main_process_only = True
+
     @api.hookimpl
     def kdkit_run_start(self, trainer: api.Trainer) -> None:
         if trainer.resumed:

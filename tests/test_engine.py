@@ -146,3 +146,28 @@ def test_a_teacher_at_a_smaller_size_sees_an_antialiased_image():
     teacher.logits(images, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
     expected = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
     torch.testing.assert_close(seen["x"], expected)
+
+
+def test_compile_switches_wrap_the_student_and_the_teachers_not_their_weights(write_recipe):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    trainer = make_trainer(recipe, ["train.compile=true", "teachers.conv.compile=true"])
+    assert isinstance(trainer.forward, OptimizedModule) and trainer.forward._orig_mod is trainer.state.model
+    whole, _ = trainer.parts.teachers["conv"].calls
+    assert isinstance(whole, OptimizedModule) and not isinstance(trainer.parts.teachers["other"].calls[0],
+                                                                 OptimizedModule)
+    assert trainer.parts.teacher_hashes == make_trainer(recipe).parts.teacher_hashes  # compiling keeps the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_path_trains_in_bf16_with_channels_last_teachers_and_compiled_modules(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.compile=true", "teachers.conv.compile=true"],
+                           device="cuda")
+    assert trainer.device.type == "cuda" and trainer.parts.teachers["conv"].channels_last
+    images, labels = first_batch(trainer)
+    logged = trainer.train_step(images, labels, epoch=0)
+    assert all(math.isfinite(v) for v in logged.values())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = trainer.parts.teachers["conv"].logits(images.cuda(), trainer.mean, trainer.std)
+    assert out.dtype == torch.float32

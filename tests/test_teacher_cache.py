@@ -14,6 +14,7 @@ from kdkit._data import replay
 from kdkit._errors import KdkitError
 from kdkit._experiment import resolve
 from kdkit._recipe import load_recipe
+from kdkit._teacher import Teacher
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 
@@ -93,8 +94,9 @@ def test_cached_outputs_are_mixed_as_the_images_are(write_recipe, mixing):
     (within fp16 storage): right coefficient, right partner, for mixup and cutmix's pasted area."""
     recipe = write_recipe(CACHED)
     trainer = make_trainer(recipe, [mixing])
-    for teacher in trainer.parts.teachers.values():
-        teacher.model = LinearProbabilities()
+    splits = trainer.parts.splits
+    for name in trainer.parts.teachers:
+        trainer.parts.teachers[name] = Teacher(LinearProbabilities(), mean=splits.mean, std=splits.std)
     del trainer.parts.teacher_hashes  # new teachers: new weights, new caches
     trainer.parts.teacher_outputs = _teacher_cache.open_caches(trainer.exp, trainer.parts, torch.device("cpu"))
     trainer.parts.loaders.sampler.set_epoch(0)

@@ -1,0 +1,159 @@
+"""torchrun data parallelism on the CPU (gloo): one run over several processes, equal to one process with
+the same global batch, checkpoints that move between world sizes, and a two-node launch on localhost."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_distribution
+
+# No BatchNorm in the student (test_vit), no drop path, no mixing: what makes 2 processes equal 1.
+RECIPE = """
+seed = 0
+[data]
+dataset = "fake"
+image_size = 32
+num_classes = 4
+train_size = 64
+val_size = 30
+batch_size_eval = 8
+workers = 0
+[student]
+plugin = "timm"
+model = "test_vit"
+model_kwargs = { img_size = 32 }
+[teachers.conv]
+plugin = "timm"
+model = "test_resnet"
+[heads.cls]
+embedding = "pool"
+[heads.conv]
+embedding = "pool"
+[[losses]]
+plugin = "ce"
+head = "cls"
+[[losses]]
+plugin = "kl"
+head = "conv"
+teachers = ["conv"]
+[train]
+epochs = 2
+batch_size = 16
+lr = 1e-3
+warmup_epochs = 0
+[augment]
+label_smoothing = 0.1
+[eval]
+heads = ["cls", "conv"]
+"""
+SIGNAL_PLUGIN = '''
+import os
+import signal
+
+from kdkit import api
+
+
+@api.hookimpl
+def kdkit_step_end(trainer, logged):
+    if trainer.state.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")) and trainer.is_main:
+        os.kill(os.getpid(), signal.SIGTERM)
+'''
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "recipe.toml").write_text(RECIPE)
+    site = root / "site"
+    site.mkdir()
+    make_distribution(site, "kdkit-test-signals", {"kdkit_test_signals": SIGNAL_PLUGIN}, {"signals": "kdkit_test_signals"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    return root, env
+
+
+def kdkit_run(root, env, out, *args, processes=1, **extra_env):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "kdkit", "run", "recipe.toml", "--out", str(out),
+                           "--allow-random-teachers", *args], cwd=root, env={**env, **extra_env},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    root, env = setup
+    result = kdkit_run(root, env, "one")
+    assert result.returncode == 0, result.stderr
+    return root / "one"
+
+
+def assert_close_runs(run, reference, atol=1e-4):
+    ours, theirs = load_file(run / "student.safetensors"), load_file(reference / "student.safetensors")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=atol, msg=key)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected]
+    for row, other in zip(rows, expected):
+        assert row["train"] == pytest.approx(other["train"], rel=1e-4)
+        assert row["top1"] == pytest.approx(other["top1"])  # every validation image counted once
+
+
+def test_two_processes_train_the_student_one_process_trains(setup, one_process):
+    root, env = setup
+    result = kdkit_run(root, env, "two", processes=2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == ["two"]  # rank 0 alone prints the run directory
+    assert_close_runs(root / "two", one_process)
+    summary = json.loads((root / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["teacher_top1"] == json.loads((one_process / "summary.json").read_text())["teacher_top1"]
+
+
+def test_a_two_process_run_resumes_in_one_process(setup, one_process):
+    root, env = setup
+    stopped = kdkit_run(root, env, "moved", processes=2, KDKIT_TEST_SIGNAL_AT_STEP="6")  # epoch 2, step 2 of 4
+    assert stopped.returncode != 0
+    checkpoint = torch.load(root / "moved" / "checkpoints" / "last.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["batch"]) == (1, 2)
+    assert all(not key.startswith("module.") for key in checkpoint["model"])  # the unwrapped model
+    resumed = kdkit_run(root, env, "moved", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_close_runs(root / "moved", one_process)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(setup):
+    root, env = setup
+    result = kdkit_run(root, env, "odd", "-o", "train.batch_size=15", processes=2)
+    assert result.returncode != 0
+    assert "train.batch_size: 15 does not split into 2 processes x 1 micro-batches" in result.stderr
+    assert not (root / "odd").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_make_one_run(setup, one_process):
+    root, env = setup
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "kdkit-test"]
+    command = [*launcher, "-m", "kdkit", "run", "recipe.toml", "--out", "nodes", "--allow-random-teachers"]
+    nodes = [subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    summary = json.loads((root / "nodes" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert_close_runs(root / "nodes", one_process)
