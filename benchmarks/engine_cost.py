@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,14 +26,10 @@ import torch
 import torch.nn.functional as F
 from timm.task import TokenDistillationTask
 
+from _trainers import trainer_from_recipe
 from kdkit._engine import Trainer
-from kdkit._experiment import resolve
 from kdkit._flops import count_flops
 from kdkit._model import Predictor
-from kdkit._plugins import default_plugins
-from kdkit._recipe import load_recipe
-from kdkit._run import prepare
-from kdkit._rundir import RunDir
 
 SIZE, PATCH, DIM, DEPTH, HEADS, BATCH, CLASSES = 64, 8, 192, 6, 3, 32, 10
 
@@ -79,13 +74,8 @@ teachers = ["{name}"]
 
 def kdkit_trainer(folder: Path, name: str, tokens: list[str], teachers: dict[str, str]) -> Trainer:
     blocks = "".join(TEACHER.format(name=t, model=m, head=h) for h, (t, m) in zip(tokens[1:], teachers.items()))
-    text = RECIPE.format(tokens=str(tokens).replace("'", '"'), teachers="", losses=blocks)
-    path = folder / f"{name}.toml"
-    path.write_text(textwrap.dedent(text))
-    plugins, cpu = default_plugins(), torch.device("cpu")
-    exp = resolve(load_recipe(path), plugins, allow_random_teachers=True)
-    parts = prepare(exp, plugins, cpu, train_teachers=False)
-    return Trainer(exp, parts, device=cpu, rundir=RunDir(folder / name), hook=plugins.manager.hook, summary={})
+    return trainer_from_recipe(RECIPE.format(tokens=str(tokens).replace("'", '"'), teachers="", losses=blocks),
+                               folder, name)
 
 
 def timed(fn) -> float:

@@ -15,18 +15,13 @@ import json
 import os
 import statistics
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import torch
 
+from _trainers import trainer_from_recipe
 from kdkit._engine import Trainer
-from kdkit._experiment import resolve
-from kdkit._plugins import default_plugins
-from kdkit._recipe import load_recipe
-from kdkit._run import prepare
-from kdkit._rundir import RunDir
 
 RECIPE = """
 seed = 0
@@ -87,12 +82,7 @@ def trainer(folder: Path, name: str, images: int, teachers: bool, cache: bool) -
     text = RECIPE.format(images=images, tokens='["cls", "conv", "inv"]' if teachers else '["cls"]',
                          teachers=TEACHERS if teachers else "", losses=KL if teachers else "",
                          cache="[teacher_cache]\nviews = 4" if cache else "")
-    path = folder / f"{name}.toml"
-    path.write_text(textwrap.dedent(text))
-    plugins, cpu = default_plugins(), torch.device("cpu")
-    exp = resolve(load_recipe(path), plugins, allow_random_teachers=True)
-    parts = prepare(exp, plugins, cpu, train_teachers=False)
-    return Trainer(exp, parts, device=cpu, rundir=RunDir(folder / name), hook=plugins.manager.hook, summary={})
+    return trainer_from_recipe(text, folder, name)
 
 
 def epoch_seconds(t: Trainer, epoch: int) -> float:
