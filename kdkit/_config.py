@@ -90,7 +90,7 @@ class EvalConfig:
 
 
 # Core keys of the plugin tables (the rest of each table goes to the plugin factory).
-STUDENT_KEYS = {"plugin"}
+STUDENT_KEYS = {"plugin", "checkpoint"}
 TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes", "compile"}
 HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}

@@ -87,7 +87,7 @@ def create_optimizer(model: DistillModel, cfg: TrainConfig) -> torch.optim.Optim
 
 def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Warmup then cosine, stepped per optimizer update (timm's scheduler, as DeiT uses it)."""
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(cfg.epochs, 1), min_lr=cfg.min_lr,
                                        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return scheduler
@@ -200,6 +200,8 @@ class Trainer:
                     self.end_epoch(epoch)
                     if self.stopping():
                         raise _Stop
+                if not self.state.history:  # train.epochs = 0: the student as it came, evaluated
+                    self.summary["top1"] = self.evaluate()
                 self.summary.update(self.evaluate_test(), infer_images_per_s=self.inference_speed())
                 status = "completed"
         except _Stop:
@@ -344,10 +346,12 @@ class Trainer:
         (``best_test_top1``). Without a held-out split the validation set is the test split."""
         if self.parts.loaders.test is None:
             return {"test_top1": self.summary["top1"], "best_test_top1": None}
-        best = copy.deepcopy(self.state.model)
-        best.load_state_dict(self.state.best_model)
+        best = None
+        if self.state.best_model is not None:
+            best = copy.deepcopy(self.state.model)
+            best.load_state_dict(self.state.best_model)
         return {"test_top1": self.evaluate(loader=self.parts.loaders.test),
-                "best_test_top1": self.evaluate(best, loader=self.parts.loaders.test)["eval"]}
+                "best_test_top1": self.evaluate(best, loader=self.parts.loaders.test)["eval"] if best else None}
 
     @torch.no_grad()
     def evaluate(self, model: DistillModel | None = None, loader=None) -> dict[str, float]:

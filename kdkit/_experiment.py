@@ -83,6 +83,7 @@ class Experiment:
     eval: C.EvalConfig
     callbacks: dict[str, PluginSpec] = field(default_factory=dict)
     teacher_cache: CacheSettings | None = None  # read the teachers' outputs from a cache of views
+    student_checkpoint: str = ""  # weights to start the student and its heads from
 
 
 def _table(recipe: Recipe, key: str, value, *, required: bool = False) -> dict:
@@ -160,8 +161,11 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     evaluation = _core(recipe, C.EvalConfig, _table(recipe, "eval", t.get("eval")), "eval")
     _check_train(recipe, data, train, augment)
 
-    student = _plugin_spec(recipe, plugins, "student", _table(recipe, "student", t.get("student"), required=True),
-                           "student", C.STUDENT_KEYS)
+    student_table = _table(recipe, "student", t.get("student"), required=True)
+    student = _plugin_spec(recipe, plugins, "student", student_table, "student", C.STUDENT_KEYS)
+    student_checkpoint = _typed(recipe, "student.checkpoint", student_table.get("checkpoint"), str, "")
+    if student_checkpoint and not Path(student_checkpoint).is_file():
+        raise recipe.error("student.checkpoint", f"no such file: {student_checkpoint}")
     teachers = {
         tname: _teacher(recipe, plugins, tname, _table(recipe, f"teachers.{tname}", table), allow_random_teachers,
                         data)
@@ -182,7 +186,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     if cache is not None:
         _check_teacher_cache(recipe, cache, losses, augment)
     return Experiment(recipe, name, seed, data, dataset, student, teachers, heads, losses, train, augment,
-                      evaluation, callbacks, cache)
+                      evaluation, callbacks, cache, student_checkpoint)
 
 
 def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], augment: C.AugmentConfig) -> None:
@@ -204,8 +208,9 @@ def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], a
 
 
 def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
-    positive = {"train.epochs": train.epochs, "train.batch_size": train.batch_size,
-                "train.accum_steps": train.accum_steps, "train.lr": train.lr}
+    if train.epochs < 0:
+        raise recipe.error("train.epochs", f"must be 0 (evaluate without training) or more, got {train.epochs}")
+    positive = {"train.batch_size": train.batch_size, "train.accum_steps": train.accum_steps, "train.lr": train.lr}
     for key, value in positive.items():
         if value <= 0:
             raise recipe.error(key, f"must be positive, got {value}")

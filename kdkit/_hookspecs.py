@@ -59,6 +59,12 @@ def kdkit_flop_rules() -> dict | None:
     ``inputs`` and ``outputs`` are the traced values (``api.traced_shape(value)`` gives a shape)."""
 
 
+@hookspec(firstresult=True)
+def kdkit_convert_checkpoint(state_dict: dict) -> dict | None:
+    """A student checkpoint in a foreign layout (``[student] checkpoint``) under kdkit's names
+    (``student.*``, ``heads.<name>.*``), or None when the plugin does not recognise it."""
+
+
 # --- the run's lifecycle, in the order Trainer.fit calls them ---------------------------------------
 
 @hookspec

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kdkit import _export as export
-from kdkit._checkpoint import load_weights
+from kdkit._checkpoint import load_weights, read_state_dict
 from kdkit._config import default_data_root
 from kdkit._distributed import Processes
 from kdkit._data import DatasetSplits, Loaders, build_loaders, indices_of, split_datasets
@@ -113,7 +113,10 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
                     "kwargs": h.spec.call_kwargs(plugins, in_features=dims[h.embedding],
                                                  num_classes=splits.num_classes)}
              for name, h in check_heads(exp, dims).items()}
-    model = build_distill_model(plugins, student, heads, exp.eval.heads).to(device)
+    model = build_distill_model(plugins, student, heads, exp.eval.heads)
+    if exp.student_checkpoint:
+        load_student(model, exp.student_checkpoint, plugins)
+    model = model.to(device)
     probe_student(model, exp.student.plugin, val_set[0][0], splits.num_classes)
 
     terms = [LossTerm(loss.term, loss.fn, loss.head, loss.teachers, loss.weight) for loss in exp.losses]
@@ -131,6 +134,19 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
         "std": list(splits.std),
     }
     return Parts(splits, train_set, val_set, loaders, model, terms, export_meta)
+
+
+def load_student(model: DistillModel, path: str, plugins: Plugins) -> None:
+    """Start the student and its heads from a checkpoint: kdkit's own names, or a layout a plugin converts."""
+    state = read_state_dict(path)
+    converted = plugins.manager.hook.kdkit_convert_checkpoint(state_dict=state)
+    try:
+        missing, unexpected = model.load_state_dict(converted or state, strict=False)
+    except RuntimeError as exc:
+        raise KdkitError(f"{path}: the weights do not fit the student and its heads: {exc}") from None
+    if missing or unexpected:
+        raise KdkitError(f"{path}: the weights do not fit the student and its heads: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
 
 
 @torch.no_grad()

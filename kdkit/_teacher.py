@@ -75,7 +75,7 @@ def teacher_log_probs(teacher_logits: list[torch.Tensor], tau: float, ensemble: 
     ``mean_prob``: the mean of their probabilities (a mixture); ``mean_logit``: the softmax of their
     mean logits. With one teacher both are its own ``log_softmax(logits / tau)``.
     """
-    stacked = torch.stack([t.float() / tau for t in teacher_logits])
+    stacked = torch.stack([t.to(torch.promote_types(t.dtype, torch.float32)) / tau for t in teacher_logits])
     if ensemble == "mean_logit":
         return F.log_softmax(stacked.mean(0), dim=-1)
     return torch.logsumexp(F.log_softmax(stacked, dim=-1), dim=0) - torch.log(torch.tensor(float(len(teacher_logits))))

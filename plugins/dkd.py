@@ -27,8 +27,10 @@ Notes for kdkit:
 - Several teachers on one head are combined as ``kl`` does (``ensemble``): the mean of their
   probabilities (default) or the softmax of their mean logits, both at temperature ``tau``; TCKD and
   NCKD are then taken from that combined distribution.
-- The non-target distribution is computed by dropping the target column (no large-negative mask),
-  and ``log(1 - p_t)`` as a log-sum-exp over the other classes, so nothing underflows to ``log 0``.
+- The non-target distribution is computed by dropping the target column (no large-negative mask:
+  mdistiller subtracts 1000 from the target's logit, which fails to mask it past a gap of 1000 tau),
+  and ``log(1 - p_t)`` as a log-sum-exp over the other classes, so nothing underflows to ``log 0``;
+  all in float64, since renormalising the other classes subtracts log-probabilities that can be huge.
 """
 from __future__ import annotations
 
@@ -61,11 +63,13 @@ def dkd(*, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0,
         if logits.shape[-1] < 2:
             raise KdkitError("dkd needs at least two classes")
         labels = target.argmax(-1)
-        binary_t, others_t = split_target(teacher_log_probs(teacher_logits, tau, ensemble), labels)
-        binary_s, others_s = split_target(F.log_softmax(logits.float() / tau, dim=-1), labels)
+        # float64: renormalising the other classes subtracts log-probabilities that can be huge
+        binary_t, others_t = split_target(teacher_log_probs([t.double() for t in teacher_logits], tau, ensemble),
+                                          labels)
+        binary_s, others_s = split_target(F.log_softmax(logits.double() / tau, dim=-1), labels)
         tckd = F.kl_div(binary_s, binary_t, reduction="sum", log_target=True)
         nckd = F.kl_div(others_s, others_t, reduction="sum", log_target=True)
-        return (alpha * tckd + beta * nckd) * tau**2 / logits.shape[0]
+        return ((alpha * tckd + beta * nckd) * tau**2 / logits.shape[0]).float()
 
     loss.requires_teachers = True
     return loss

@@ -32,6 +32,12 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride:
     return block
 
 
+def rednet_stem(in_chans: int, half: int, out_channels: int, stride: int = 2) -> nn.Sequential:
+    """RedNet's stem with mmcls's module names: conv3x3 (stride), a 3x3 involution, conv3x3, each with BN + ReLU."""
+    return nn.Sequential(_conv_bn_relu(in_chans, half, 3, stride=stride), Involution2d(half, 3), nn.BatchNorm2d(half),
+                         nn.ReLU(inplace=True), _conv_bn_relu(half, out_channels, 3))
+
+
 class Bottleneck(nn.Module):
     """ResNet's bottleneck (expansion 4) with a 7x7 involution, which carries the stride, as its middle layer."""
 
@@ -79,13 +85,7 @@ class RedNet(nn.Module):
         self.depth, self.num_classes = depth, num_classes
         stem_width = _scaled(64, width)
         half = _scaled(32, width)
-        self.stem = nn.Sequential(
-            _conv_bn_relu(in_chans, half, 3, stride=1 if small_input else 2),
-            Involution2d(half, 3),
-            nn.BatchNorm2d(half),
-            nn.ReLU(inplace=True),
-            _conv_bn_relu(half, stem_width, 3),
-        )
+        self.stem = rednet_stem(in_chans, half, stem_width, stride=1 if small_input else 2)
         self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, padding=1)
 
         blocks = STAGE_BLOCKS[depth]

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from kdkit.api import KdkitError, hookimpl
-from kdkit_plugins.involution import Involution2d
+from kdkit_plugins.rednet import rednet_stem
 
 # DeiT-Ti and DeiT-S, as in the paper; drop path 0.1 is DeiT's training recipe, which the paper follows.
 PRESETS = {
@@ -42,23 +42,27 @@ def conv_stem(in_chans: int) -> nn.Sequential:
 
 
 def involution_stem(in_chans: int) -> nn.Sequential:
-    """RedNet-26's stem: conv3x3/2, a 3x3 involution, conv3x3 to 64 channels, each with BN and ReLU."""
-    width = STEM_CHANNELS // 2
-    return nn.Sequential(*_conv_bn_relu(in_chans, width, 3, stride=2),
-                         Involution2d(width, kernel_size=3), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                         *_conv_bn_relu(width, STEM_CHANNELS, 3))
+    """RedNet-26's stem (the RedNet plugin's, with mmcls's names): conv3x3/2, a 3x3 involution, conv3x3 to 64."""
+    return rednet_stem(in_chans, STEM_CHANNELS // 2, STEM_CHANNELS, stride=2)
 
 
 class StemEmbed(nn.Module):
-    """A stride-2 stem, then a projection with kernel = stride = patch_size / 2: (B, C, H, W) -> (B, N, D)."""
+    """A stride-2 stem, then a projection with kernel = stride = patch_size / 2: (B, C, H, W) -> (B, N, D).
+
+    Initialised as the released code does: Kaiming normal weights for every convolution, and the stem's
+    biases (the involution's kernel generation) at zero, as mmcv's ConvModule starts them.
+    """
 
     def __init__(self, stem: nn.Module, embed_dim: int, patch_size: int):
         super().__init__()
         self.stem = stem
         self.proj = nn.Conv2d(STEM_CHANNELS, embed_dim, patch_size // 2, stride=patch_size // 2)
-        for module in self.modules():  # the released code's init for every stem convolution
+        for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight)
+        for module in self.stem.modules():
+            if isinstance(module, nn.Conv2d) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.stem(images)).flatten(2).transpose(1, 2)
@@ -92,6 +96,8 @@ class TokenViT(VisionTransformer):
         self.pos_embed = nn.Parameter(torch.empty(1, num_patches + len(self.tokens), embed_dim))
         for parameter in (self.pos_embed, *self.dist_tokens.values()):  # timm's init for the rest
             trunc_normal_(parameter, std=0.02)
+        if token_kind == "stem" and self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)  # as the released code's timm did; today's uses std 1e-6
 
     def embed(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Each prefix token by name, (B, 1, D), and the patch tokens, (B, N, D), before position embedding."""
@@ -162,3 +168,30 @@ def vit(*, preset: Literal["ti", "s"] = "ti", tokens: list[str] = ["cls"],  # no
 @hookimpl
 def kdkit_register_students(registry):
     registry.register_module("vit", module=vit)
+
+
+# The released CivT checkpoint's key prefixes (its DistilledVisionTransformer) and kdkit's for a stem-token
+# ``vit`` student with heads cls, conv and inv. Every other key (cls_token, pos_embed, blocks, norm) is the
+# student's under the same name.
+RELEASED_PREFIXES = {
+    "conv_embed.conv.": "student.stems.conv.stem.", "conv_embed.proj.": "student.stems.conv.proj.",
+    "inv_embed.stem.": "student.stems.inv.stem.", "inv_embed.proj.": "student.stems.inv.proj.",
+    "head_conv.": "heads.conv.", "head_inv.": "heads.inv.", "head.": "heads.cls.",
+}
+
+
+def from_released(state_dict: dict) -> dict:
+    """The authors' released CivT weights under kdkit's names (student ``vit``, token_kind stem, heads cls/conv/inv)."""
+    converted = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in RELEASED_PREFIXES if key.startswith(p)), None)
+        converted[RELEASED_PREFIXES[prefix] + key[len(prefix):] if prefix else "student." + key] = value
+    return converted
+
+
+@hookimpl
+def kdkit_convert_checkpoint(state_dict):
+    """A released CivT checkpoint (it has both stems' projections) loads as a stem-token ``vit`` student."""
+    if "conv_embed.proj.weight" in state_dict and "inv_embed.proj.weight" in state_dict:
+        return from_released(state_dict)
+    return None

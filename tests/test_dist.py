@@ -62,7 +62,9 @@ def test_dist_by_hand_with_the_defaults():
 def test_dist_is_zero_when_the_student_matches_the_teacher(tau):
     logits = 3 * torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
     value = dist(beta=2.0, gamma=3.0, tau=tau)(logits, target=None, labels=None, teacher_logits=[logits.clone()])
-    assert value.item() == pytest.approx(0.0, abs=1e-5)
+    # zero but for the authors' eps: rho = |a|^2 / (|a|^2 + 1e-8), a hair below 1 on flat (tau 4) predictions
+    expected = authors_dist(logits.double(), logits.double(), beta=2.0, gamma=3.0, tau=tau).item()
+    assert value.item() == pytest.approx(expected, abs=1e-6) and expected < 1e-4
 
 
 def test_dist_is_invariant_to_a_constant_added_to_each_row():
@@ -112,3 +114,37 @@ def test_dist_through_the_registry_like_a_recipe():
     value = fn(student, target=None, labels=torch.tensor([0, 1, 2]), teacher_logits=[TEACHER])
     value.backward()
     assert value.ndim == 0 and value.item() > 0 and student.grad.abs().sum() > 0
+
+
+def authors_dist(student, teacher, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8):
+    """DIST as its authors compute it (float64): each correlation divides by |a||b| + eps."""
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    y_s, y_t = (student / tau).softmax(1), (teacher / tau).softmax(1)
+    inter = 1 - pearson(y_s, y_t).mean()
+    intra = 1 - pearson(y_s.t(), y_t.t()).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def test_dist_matches_the_authors_form_on_near_constant_columns():
+    """100 classes at tau 1, nearly uniform predictions: every row and column barely varies (centred norms
+    around 1e-4), where the authors' |a||b| + eps and F.cosine_similarity's clamped norms part ways."""
+    g = torch.Generator().manual_seed(0)
+    student = 0.01 * torch.randn(16, 100, generator=g)
+    teacher = student + 0.005 * torch.randn(16, 100, generator=g)
+    s32 = student.clone().requires_grad_()
+    value = dist()(s32, target=None, labels=None, teacher_logits=[teacher])
+    value.backward()
+    s64 = student.double().requires_grad_()
+    expected = authors_dist(s64, teacher.double())
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-3, atol=1e-7)
+    # the difference is real here: the clamped form is 20% off in value (10% in gradient)
+    clamped = torch.nn.functional.cosine_similarity
+    y_s, y_t = student.double().softmax(1), teacher.double().softmax(1)
+    other = 2 - clamped(y_s - y_s.mean(1, keepdim=True), y_t - y_t.mean(1, keepdim=True), dim=1, eps=1e-8).mean() \
+        - clamped(y_s - y_s.mean(0, keepdim=True), y_t - y_t.mean(0, keepdim=True), dim=0, eps=1e-8).mean()
+    assert abs(other.item() - expected.item()) > 0.1 * expected.item()

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdkit._errors import KdkitError
 from kdkit._plugins import default_plugins
@@ -147,3 +148,44 @@ def test_dkd_through_the_registry_like_a_recipe():
     value = fn(student, target=target, labels=LABELS, teacher_logits=[TEACHER])
     value.backward()
     assert value.ndim == 0 and value.item() > 0 and student.grad.abs().sum() > 0
+
+
+def dkd_by_definition(student, teacher, labels, alpha, beta, tau):
+    """mdistiller's dkd_loss as published (TCKD + NCKD, tau^2, batch mean), in float64 log space: the
+    non-target distribution is the softmax over the other classes alone."""
+    total = 0.0
+    for s, t, y in zip(student.double(), teacher.double(), labels.tolist()):
+        log_s, log_t = (s / tau).log_softmax(-1), (t / tau).log_softmax(-1)
+        others = [c for c in range(len(s)) if c != y]
+        b_s = torch.stack([log_s[y], torch.logsumexp(log_s[others], 0)])
+        b_t = torch.stack([log_t[y], torch.logsumexp(log_t[others], 0)])
+        tckd = (b_t.exp() * (b_t - b_s)).sum()
+        n_s, n_t = (s[others] / tau).log_softmax(-1), (t[others] / tau).log_softmax(-1)
+        nckd = (n_t.exp() * (n_t - n_s)).sum()
+        total += alpha * tckd + beta * nckd
+    return tau**2 * total / len(labels)
+
+
+@pytest.mark.parametrize("gap", [0.0, 50.0, 5000.0])
+def test_dkd_is_mdistillers_formula_even_where_masking_by_a_constant_fails(gap):
+    """mdistiller masks the target out of NCKD by subtracting 1000 from its logit: with a larger gap the
+    target still dominates there. Dropping the target column, as here, stays exact at any gap."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    labels = torch.tensor([0, 3, 5, 1])
+    student[torch.arange(4), labels] += gap
+    teacher[torch.arange(4), labels] += gap / 2
+    for alpha, beta, tau in ((1.0, 8.0, 4.0), (0.5, 2.0, 1.0)):
+        value = dkd(alpha=alpha, beta=beta, tau=tau)(student, target=F.one_hot(labels, 6).float(), labels=labels,
+                                                      teacher_logits=[teacher])
+        expected = dkd_by_definition(student, teacher, labels, alpha, beta, tau)
+        assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    if gap > 1000 * 4.0:  # the constant mask would leave the target in: its NCKD is far from the definition's
+        mask = F.one_hot(labels, 6).double()
+        s, t = student.double() / 4.0 - 1000.0 * mask, teacher.double() / 4.0 - 1000.0 * mask
+        masked = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+        n_s = [(student.double()[i, [c for c in range(6) if c != y]] / 4.0) for i, y in enumerate(labels.tolist())]
+        n_t = [(teacher.double()[i, [c for c in range(6) if c != y]] / 4.0) for i, y in enumerate(labels.tolist())]
+        exact = torch.stack([(b.softmax(-1) * (b.log_softmax(-1) - a.log_softmax(-1))).sum()
+                             for a, b in zip(n_s, n_t)]).mean()
+        assert abs(masked.item() - exact.item()) > 0.1 * exact.item()

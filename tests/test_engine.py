@@ -15,10 +15,17 @@ def first_batch(trainer):
     return next(iter(trainer.parts.loaders.train))
 
 
+SGD = ["train.optimizer=momentum", "train.momentum=0.0", "train.weight_decay=0.0"]  # update = -lr * gradient
+
+
 def test_accumulation_keeps_every_loss_term(write_recipe):
-    """One update from 2 micro-batches equals one from the whole batch (no BatchNorm in this student)."""
+    """One update from 2 micro-batches equals one from the whole batch (no BatchNorm in this student).
+
+    Plain SGD, whose update scales with the gradient: dropping the 1 / accum_steps of each micro-batch's
+    loss doubles the step (Adam would not show it: its update ignores a constant scale).
+    """
     recipe = write_recipe(TWO_TEACHER_RECIPE)
-    whole, split = make_trainer(recipe), make_trainer(recipe, ["train.accum_steps=2"])
+    whole, split = make_trainer(recipe, SGD), make_trainer(recipe, [*SGD, "train.accum_steps=2"])
     images, labels = first_batch(whole)
     logged_whole = whole.train_step(images, labels, epoch=0)
     logged_split = split.train_step(images, labels, epoch=0)
@@ -171,3 +178,68 @@ def test_the_gpu_path_trains_in_bf16_with_channels_last_teachers_and_compiled_mo
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = trainer.parts.teachers["conv"].logits(images.cuda(), trainer.mean, trainer.std)
     assert out.dtype == torch.float32
+
+
+def test_gradients_are_clipped_to_clip_grad(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), [*SGD, "train.clip_grad=0.01", "train.lr=1.0",
+                                                              "train.warmup_epochs=0", "train.min_lr=1.0"])
+    before = [p.detach().clone() for p in trainer.state.model.parameters()]
+    images, labels = first_batch(trainer)
+    trainer.train_step(images, labels, epoch=0)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.state.model.parameters(), before)])
+    assert step.norm().item() == pytest.approx(0.01, rel=1e-4)  # lr 1: the update is the clipped gradient
+
+
+def test_the_learning_rate_of_each_step_follows_warmup_then_cosine(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=2", "train.warmup_epochs=1",
+                                                              "train.warmup_lr=1e-6", "train.min_lr=1e-5"])
+    used = []
+    step = trainer.state.optimizer.step
+    trainer.state.optimizer.step = lambda: (used.append(trainer.lr), step())[1]
+    for epoch in range(2):
+        trainer.train_epoch(epoch)
+        trainer.state.batch = 0
+    n = trainer.steps_per_epoch
+    warmup = [1e-6 + (1e-3 - 1e-6) * s / n for s in range(n)]  # timm: linear from warmup_lr, per step
+    # then the cosine over the whole run (DeiT's timm schedule: the warmup replaces its start)
+    cosine = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * s / (2 * n))) for s in range(n, 2 * n)]
+    assert used == pytest.approx(warmup + cosine, rel=1e-6)
+
+
+def test_a_teacher_never_leaves_eval_mode(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    teacher = trainer.parts.teachers["conv"]
+    stats = {k: v.clone() for k, v in teacher.model.state_dict().items() if "running" in k}
+    assert stats  # a BatchNorm teacher: training mode would move these
+    trainer.state.model.train()
+    teacher.train()
+    trainer.train_epoch(0)
+    assert not any(m.training for m in teacher.modules())
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in stats.items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_the_prediction_is_the_mean_of_the_eval_heads():
+    """Three heads that disagree: the prediction is their mean, not any one of them."""
+    from kdkit._model import DistillModel
+
+    class Constant(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, features):
+            return self.logits.expand(len(features), -1)
+
+    class Student(torch.nn.Module):
+        embedding_dims = {"x": 1}
+
+        def forward(self, images):
+            return {"x": images.flatten(1)[:, :1]}
+
+    heads = {"cls": Constant([3.0, 0.0, 0.0]), "conv": Constant([0.0, 2.0, 0.0]), "inv": Constant([0.0, 2.0, 1.0])}
+    model = DistillModel(Student(), heads, {name: "x" for name in heads}, ["cls", "conv", "inv"])
+    torch.testing.assert_close(model.predict(torch.zeros(2, 3)), torch.tensor([[1.0, 4 / 3, 1 / 3]] * 2))
+    assert model.predict(torch.zeros(1, 3)).argmax().item() == 1  # the mean's class, which cls alone misses
+    model.eval_heads = ["cls"]
+    assert model.predict(torch.zeros(1, 3)).argmax().item() == 0

@@ -56,7 +56,23 @@ def test_ce_uses_the_soft_target():
 
 
 def test_hard_distillation_uses_the_teachers_argmax():
-    # teacher argmax: row 0 -> class 0 (tie broken to the first), row 1 -> class 0
-    expected = -(math.log(softmax([1, 0])[0]) + math.log(0.5)) / 2
-    value = hard()(STUDENT, target=None, labels=None, teacher_logits=[TEACHER])
+    # the teachers (mean probability) and the student disagree on every row, so the choice shows
+    student = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+    teachers = [torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])]
+    # teacher classes: row 0 -> 0, row 1 -> 2; the student's own argmax would be 1 and 0
+    expected = -(math.log(softmax([0, 2, 0])[0]) + math.log(softmax([1, 0, 0])[2])) / 2
+    value = hard()(student, target=None, labels=None, teacher_logits=teachers)
     assert value.item() == pytest.approx(expected, rel=1e-6)
+    one_teacher = hard()(student, target=None, labels=None, teacher_logits=teachers[1:])
+    assert one_teacher.item() == pytest.approx(expected, rel=1e-6)  # the same classes: ensembling kept them
+
+
+def test_the_ensemble_of_probabilities_is_their_mean_in_log_space():
+    from kdkit._teacher import teacher_log_probs
+
+    teachers = [torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 3.0, 0.0]])]
+    for tau in (1.0, 2.0):
+        mean = (torch.softmax(teachers[0] / tau, -1) + torch.softmax(teachers[1] / tau, -1)) / 2
+        torch.testing.assert_close(teacher_log_probs(teachers, tau, "mean_prob"), mean.log())
+        logit_mean = torch.log_softmax((teachers[0] + teachers[1]) / 2 / tau, -1)
+        torch.testing.assert_close(teacher_log_probs(teachers, tau, "mean_logit"), logit_mean)
