@@ -1,0 +1,102 @@
+"""Mutation testing of kdkit's numerical core with cosmic-ray: can the tests catch plausible bugs?
+
+    python -m pip install -e '.[test,mutation]'
+    python tests/mutation/run.py [GROUP ...]          # every group of pyproject.toml by default
+
+Each group of ``[tool.kdkit.mutation]`` in pyproject.toml names modules and the tests that cover them.
+cosmic-ray mutates one place at a time (an operator, a number, a condition...) **in the files of this
+checkout**, runs the tests, and restores the file: run it in a clone you are not editing. A mutant
+the tests let pass *survives*. The session of each group lives in ``.mutation/<group>.sqlite``, so an
+interrupted run continues where it stopped and a second run only reports.
+
+The score counts, per group and overall, killed / (killed + survived) mutants; a survivor listed in
+``tests/mutation/equivalent.txt`` (a mutation that cannot change behaviour, with the reason) counts
+apart. Survivors not listed there are written to ``.mutation/<group>.survivors`` for a look.
+"""
+from __future__ import annotations
+
+import shlex
+import sqlite3
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = ROOT / ".mutation"
+EQUIVALENT = Path(__file__).with_name("equivalent.txt")
+
+
+def config_text(group: dict, settings: dict) -> str:
+    """A cosmic-ray configuration for one group (cosmic-ray reads its own top-level table)."""
+    def quoted(items):
+        return "[" + ", ".join('"' + i.replace("\\", "\\\\") + '"' for i in items) + "]"
+
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *group["tests"]]
+    return "\n".join([
+        "[cosmic-ray]", f"module-path = {quoted(group['modules'])}", f"timeout = {settings['timeout']}",
+        "excluded-modules = []", f"test-command = {quoted([shlex.join(command)])[1:-1]}",
+        "[cosmic-ray.distributor]", 'name = "local"',
+        "[cosmic-ray.filters.operators-filter]", f"exclude-operators = {quoted(settings['exclude-operators'])}",
+    ]) + "\n"
+
+
+def equivalents() -> set[tuple[str, str, str]]:
+    """(module, operator, source line) of the survivors accepted as equivalent: ``module | operator | line | why``."""
+    out = set()
+    for line in EQUIVALENT.read_text().splitlines() if EQUIVALENT.is_file() else []:
+        if line.strip() and not line.startswith("#"):
+            module, operator, source, _why = (part.strip() for part in line.split(" | ", 3))
+            out.add((module, operator, source))
+    return out
+
+
+def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
+    """Run (or continue) one group's session; (killed, survived, equivalent, unexplained survivors)."""
+    WORK.mkdir(exist_ok=True)
+    config, session = WORK / f"{group['name']}.toml", WORK / f"{group['name']}.sqlite"
+    config.write_text(config_text(group, settings))
+    if not session.is_file():
+        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(session)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter", str(session), str(config)],
+                       check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], check=True, cwd=ROOT)
+    rows = sqlite3.connect(session).execute(
+        "select s.module_path, s.operator_name, s.start_pos_row, r.test_outcome, r.worker_outcome "
+        "from mutation_specs s join work_results r on s.job_id = r.job_id").fetchall()
+    accepted = equivalents()
+    killed = survived = equivalent = 0
+    unexplained = []
+    for module, operator, row, test_outcome, worker_outcome in rows:
+        if worker_outcome != "normal" or test_outcome == "incompetent":
+            continue  # skipped by the filter, or a mutation that could not be run
+        if test_outcome == "killed":  # a failing test, or one that ran past the timeout
+            killed += 1
+            continue
+        source = (ROOT / module).read_text().splitlines()[row - 1].strip()
+        if (module, operator, source) in accepted:
+            equivalent += 1
+        else:
+            survived += 1
+            unexplained.append(f"{module}:{row} | {operator} | {source}")
+    (WORK / f"{group['name']}.survivors").write_text("".join(line + "\n" for line in unexplained))
+    return killed, survived, equivalent, unexplained
+
+
+def main(names: list[str]) -> int:
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["kdkit"]["mutation"]
+    groups = [g for g in settings["groups"] if not names or g["name"] in names]
+    total = [0, 0, 0]
+    for group in groups:
+        killed, survived, equivalent, _ = run_group(group, settings)
+        total = [t + n for t, n in zip(total, (killed, survived, equivalent))]
+        print(f"{group['name']:>10}: {killed} killed, {survived} survived, {equivalent} equivalent: "
+              f"{killed / max(killed + survived, 1):.1%} of the others killed", flush=True)
+    killed, survived, equivalent = total
+    print(f"{'all':>10}: {killed} killed, {survived} survived, {equivalent} equivalent: "
+          f"{killed / max(killed + survived, 1):.1%} killed (survivors: .mutation/*.survivors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
