@@ -68,6 +68,7 @@ def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
     killed = survived = equivalent = 0
     unexplained = []
     for module, operator, row, test_outcome, worker_outcome in rows:
+        test_outcome, worker_outcome = str(test_outcome).lower(), str(worker_outcome).lower()
         if worker_outcome != "normal" or test_outcome == "incompetent":
             continue  # skipped by the filter, or a mutation that could not be run
         if test_outcome == "killed":  # a failing test, or one that ran past the timeout
