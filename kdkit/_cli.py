@@ -157,14 +157,19 @@ def compare(
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also write a bar chart PNG of eval top-1."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
     allow_weak_teachers: bool = typer.Option(False, "--allow-weak-teachers", help=ALLOW_WEAK_HELP),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Train missing runs N at a time, each a process with "
+                             "cores / N threads (teachers first, then teacher-output caches, then students)."),
 ):
     """Compare recipes over seeds: one row per recipe with mean ± std; trains what a recipe argument lacks."""
     from kdkit import _compare as C
 
     with reported():
-        found = C.collect_runs(targets, C.parse_seeds(seeds) if seeds else None, override, runs,
-                               allow_random_teachers=allow_random_teachers, allow_weak_teachers=allow_weak_teachers,
-                               console=err)
+        found, stages = C.collect_runs(targets, C.parse_seeds(seeds) if seeds else None, override, runs,
+                                       allow_random_teachers=allow_random_teachers,
+                                       allow_weak_teachers=allow_weak_teachers, jobs=jobs, console=err)
+        if stages:
+            err.print("wall time of what trained: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()),
+                      highlight=False)
         rows = C.summarize(found)
         differences = C.paired_differences(rows, baseline) if baseline else []
         if markdown:
@@ -185,6 +190,9 @@ COMPARE_WIDTH = 100  # compare's tables read in a 100-column terminal (or log)
 
 def _table(table) -> Table:
     out = Table(*table.headers, title=table.title)
+    for column in out.columns[1:]:
+        column.overflow = "fold"  # wrap to fit, breaking long words rather than cutting them
+    out.columns[0].no_wrap = True  # recipe names whole
     for row in table.body:
         out.add_row(*row)
     return out

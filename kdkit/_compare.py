@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,8 +155,10 @@ def plan_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs")
 
 
 def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs", *,
-                 allow_random_teachers: bool = False, allow_weak_teachers: bool = False, console=None) -> list[Run]:
-    """The completed runs behind ``targets``, training first what a recipe argument lacks.
+                 allow_random_teachers: bool = False, allow_weak_teachers: bool = False, jobs: int = 1,
+                 console=None) -> tuple[list[Run], dict[str, float]]:
+    """The completed runs behind ``targets``, training first what a recipe argument lacks; and the wall
+    time of each stage that trained (teachers, caches, students: with ``jobs`` > 1, in parallel).
 
     Only a missing or unfinished run trains: one with a checkpoint resumes, one without starts over.
     Every recipe to train is validated and every directory checked before the first one starts.
@@ -169,12 +172,47 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
         resolve(plan.recipe, allow_random_teachers=allow_random_teachers)
         rundir = RunDir(plan.path)
         rundir.check_writable(force=rundir.summary.is_file())  # only a kdkit run is ever overwritten
+    if jobs > 1 and todo:
+        flags = [*(["--allow-random-teachers"] if allow_random_teachers else []),
+                 *(["--allow-weak-teachers"] if allow_weak_teachers else [])]
+        stages = train_in_stages(todo, jobs, flags, console)
+        return [load_run(p.path, p.expected_hash) for p in plans], stages
+    start = time.perf_counter()
     for plan in todo:
         resume = RunDir(plan.path).last.is_file()
         run(plan.recipe.path, plan.overrides, plan.path, force=not resume, resume=resume,
             allow_random_teachers=allow_random_teachers, allow_weak_teachers=allow_weak_teachers,
             progress=console is not None, console=console)
-    return [load_run(p.path, p.expected_hash) for p in plans]
+    stages = {"runs": time.perf_counter() - start} if todo else {}
+    return [load_run(p.path, p.expected_hash) for p in plans], stages
+
+
+def train_in_stages(todo: list[Planned], jobs: int, flags: list[str], console=None) -> dict[str, float]:
+    """Train the missing runs in subprocesses, shared parts first (``kdkit._jobs``); each stage's wall time."""
+    from kdkit._experiment import resolve
+    from kdkit._jobs import Job, run_command, run_jobs
+    from kdkit._plugins import default_plugins
+    from kdkit._run import teacher_run_dir
+
+    plugins = default_plugins()
+    teachers, caches = {}, {}
+    for plan in todo:
+        exp = resolve(plan.recipe, plugins, allow_random_teachers=True)
+        for spec in exp.teachers.values():
+            out = teacher_run_dir(spec.recipe, plugins) if spec.recipe else None
+            if out and out not in teachers and RunDir(out).status() != "completed":
+                teachers[out] = run_command(f"teacher {spec.recipe.table['name']}", spec.recipe.path, (), out, flags)
+        if exp.teacher_cache and exp.name not in caches:
+            args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)), *flags]
+            caches[exp.name] = Job(f"caches of {exp.name}", args, plan.path.parent / "teacher_cache.log")
+    students = [run_command(f"{plan.recipe.table['name']} seed {plan.recipe.table.get('seed', 0)}", plan.recipe.path,
+                            plan.overrides, plan.path, [*flags, "--no-train-teachers"]) for plan in todo]
+    stages = {}
+    for stage, stage_jobs, parallel in (("teachers", list(teachers.values()), jobs), ("caches", list(caches.values()), 1),
+                                        ("students", students, jobs)):
+        if stage_jobs:
+            stages[stage] = run_jobs(stage, stage_jobs, parallel, console)
+    return stages
 
 
 # --- rows -------------------------------------------------------------------------------------------
@@ -345,7 +383,8 @@ def _named(stats: dict[str, Stat]) -> str:
 
 
 def _settings(settings: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items())
+    """``key=value, ...``, lists written ``a+b+c`` so that a narrow column wraps between settings."""
+    return ", ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items())
 
 
 @dataclass

@@ -197,7 +197,7 @@ def test_rows_and_paired_differences_by_hand():
 
     markdown = to_markdown([base, new, other, third], [to_new, to_other, to_third])
     assert "student plugin=vit, depth=4" in markdown  # shared settings go to the caption...
-    assert "| base | tokens=['cls'] | conv 50.0 | 72.00 ± 2.00 | 72.50 ± 2.00 | 3 |" in markdown  # ...the rest stays
+    assert "| base | tokens=cls | conv 50.0 | 72.00 ± 2.00 | 72.50 ± 2.00 | 3 |" in markdown  # ...the rest stays
     assert "| new | +2.00 ± 1.41 | [-10.71, +14.71] | 0.295 | 0.295 | 2 |" in markdown
     assert "| third | +1.33 ± 0.58 | [-0.10, +2.77] | 0.057 | 0.114 | 3 |" in markdown
     assert "| other | no common seeds | n/a | n/a | n/a | 0 |" in markdown

@@ -1,0 +1,69 @@
+"""Several runs at once: ``kdkit compare --jobs N`` keeps N single-machine runs going side by side.
+
+Each run is its own ``kdkit run`` process, with ``OMP_NUM_THREADS`` = cores / N and its output in a log
+beside its run directory (``RUNS/<name>/seed<N>.log``). What runs share is made first, in stages, so
+that no two processes ever build the same thing: the teachers that recipes train (N at a time: they
+are independent), then the teacher-output caches (one recipe at a time, each with every core: recipes
+share teachers, and so caches), then the students, N at a time. Each stage's wall time is reported.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdkit._errors import RunFailed
+from kdkit._rundir import RunDir
+
+
+@dataclass
+class Job:
+    """One ``kdkit`` command line, where its output goes, and what it is for (in messages)."""
+
+    label: str
+    args: list[str]
+    log: Path
+
+
+def run_command(label: str, recipe: Path, overrides, out: Path, options: list[str]) -> Job:
+    """``kdkit run`` of one recipe into ``out``: resumed when it has a checkpoint, else started afresh."""
+    resume = RunDir(out).last.is_file()
+    args = ["run", str(recipe), *(a for o in overrides for a in ("-o", o)), "--out", str(out),
+            "--resume" if resume else "--force", *options]
+    return Job(label, args, out.parent / f"{out.name}.log")
+
+
+def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
+    """Run ``jobs`` ``parallel`` at a time; each gets cores / parallel threads. Returns the stage's wall time."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start, waiting, running, failed = time.perf_counter(), list(jobs), [], []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            job = waiting.pop(0)
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "w") as log:
+                process = subprocess.Popen([sys.executable, "-m", "kdkit", *job.args], stdout=log,
+                                           stderr=subprocess.STDOUT, env=env)
+            running.append((job, process, time.perf_counter()))
+            _say(console, f"[{stage}] {job.label}: started ({threads} threads; log {job.log})")
+        time.sleep(1)
+        for entry in [e for e in running if e[1].poll() is not None]:
+            job, process, began = entry
+            running.remove(entry)
+            minutes = (time.perf_counter() - began) / 60
+            _say(console, f"[{stage}] {job.label}: {'done' if process.returncode == 0 else 'FAILED'} "
+                          f"in {minutes:.1f} min (exit {process.returncode})")
+            if process.returncode != 0:
+                failed.append(job)
+    if failed:
+        raise RunFailed(f"{len(failed)} {stage} failed: " + "; ".join(f"{j.label} (log {j.log})" for j in failed))
+    return time.perf_counter() - start
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text, highlight=False, soft_wrap=True)
