@@ -189,3 +189,16 @@ def test_dkd_is_mdistillers_formula_even_where_masking_by_a_constant_fails(gap):
         exact = torch.stack([(b.softmax(-1) * (b.log_softmax(-1) - a.log_softmax(-1))).sum()
                              for a, b in zip(n_s, n_t)]).mean()
         assert abs(masked.item() - exact.item()) > 0.1 * exact.item()
+
+
+def test_two_classes_leave_only_the_target_term():
+    """With two classes the non-target distribution is one class: NCKD is 0 and DKD is alpha * TCKD."""
+    student, teacher, labels = torch.tensor([[1.0, -1.0], [0.0, 2.0]]), torch.tensor([[2.0, 0.0], [1.0, 1.0]]), \
+        torch.tensor([0, 1])
+    target = F.one_hot(labels, 2).float()
+    tckd_only = dkd(alpha=1.0, beta=0.0, tau=1.0)(student, target=target, labels=labels, teacher_logits=[teacher])
+    both = dkd(alpha=1.0, beta=8.0, tau=1.0)(student, target=target, labels=labels, teacher_logits=[teacher])
+    classical = kl(tau=1.0)(student, target=target, labels=labels, teacher_logits=[teacher])
+    assert both.item() == pytest.approx(tckd_only.item()) == pytest.approx(classical.item())  # KD = TCKD here
+    with pytest.raises(KdkitError, match="at least two classes"):
+        dkd()(student[:, :1], target=target[:, :1], labels=labels, teacher_logits=[teacher[:, :1]])

@@ -76,3 +76,20 @@ def test_the_ensemble_of_probabilities_is_their_mean_in_log_space():
         torch.testing.assert_close(teacher_log_probs(teachers, tau, "mean_prob"), mean.log())
         logit_mean = torch.log_softmax((teachers[0] + teachers[1]) / 2 / tau, -1)
         torch.testing.assert_close(teacher_log_probs(teachers, tau, "mean_logit"), logit_mean)
+
+
+def test_hard_distillation_takes_the_ensembles_argmax_at_temperature_1():
+    """Two teachers whose mean probability prefers class 2 at tau 1 but class 1 at tau 2."""
+    teachers = [torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([[2.0, 3.0, 0.0]])]
+    student = torch.tensor([[0.5, 0.2, -0.1]])
+    expected = -math.log(softmax([0.5, 0.2, -0.1])[2])
+    assert hard()(student, target=None, labels=None, teacher_logits=teachers).item() == pytest.approx(expected)
+
+
+def test_losses_declare_whether_they_need_teachers_and_what_a_cache_can_give_them():
+    assert ce().requires_teachers is False
+    assert kl().requires_teachers is True and hard().requires_teachers is True
+    assert kl().probabilities_only is True and hard().probabilities_only is True
+    # anything but the teachers' probabilities at temperature 1 needs their logits
+    for options in (dict(tau=2.0), dict(tau=0.5), dict(ensemble="mean_logit"), dict(tau=2.0, ensemble="mean_logit")):
+        assert kl(**options).probabilities_only is False, options
