@@ -18,8 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch.autograd.function import once_differentiable
+from kdkit_plugins.involution_function import involution_function
 
 SOURCE = Path(__file__).with_name("involution_cpu.cpp")
 DISABLE = "KDKIT_FUSED_INVOLUTION"  # set to 0 to use the portable operator
@@ -66,24 +65,4 @@ def _cpu_flags() -> str:
     return ""
 
 
-class FusedInvolution(torch.autograd.Function):
-    """``involution`` through the compiled CPU kernels; computes in fp32 (fp64 for fp64 inputs)."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, kernel_size, stride):
-        dtype = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
-        x32, kernel32 = x.to(dtype).contiguous(), kernel.to(dtype).contiguous()
-        ctx.save_for_backward(x32, kernel32)
-        ctx.kernel_size, ctx.stride, ctx.dtypes = kernel_size, stride, (x.dtype, kernel.dtype)
-        out = load().forward(x32, kernel32, kernel_size, stride)
-        return out.to(torch.promote_types(x.dtype, kernel.dtype))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, kernel = ctx.saved_tensors
-        grad = grad_out.to(x.dtype).contiguous()
-        ops, args = load(), (x, kernel, grad, ctx.kernel_size, ctx.stride)
-        grad_x = ops.grad_input(*args).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_kernel = ops.grad_kernel(*args).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_kernel, None, None
+FusedInvolution = involution_function("FusedInvolution", load)  # ``involution`` through the compiled kernels

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from kdkit_plugins.involution_function import involution_function
 
 BLOCK = 128  # output (or input) pixels per program
 
 
 @functools.cache
-def kernels():
+def kernels() -> TritonKernels | None:
     """The compiled kernels, or None where Triton is not installed."""
     try:
         import triton
@@ -82,47 +83,38 @@ def kernels():
             acc += value * tl.load(grad + bc * Ho * Wo + pixels, mask=inside, other=0.0)
         tl.store(gw + bgk * Ho * Wo + pixels, acc, mask=inside)
 
-    return triton, forward, grad_input, grad_kernel
+    return TritonKernels(triton, forward, grad_input, grad_kernel)
 
 
-def _launch(kernel, grid, *tensors, shape, kernel_size, stride):
-    _, C, H, W, G, Ho, Wo = shape
-    kernel[grid](*tensors, C, H, W, G, Ho, Wo, K=kernel_size, S=stride, BLOCK_SIZE=BLOCK)
+class TritonKernels:
+    """The Triton kernels behind the interface ``involution_function`` expects."""
+
+    def __init__(self, triton, forward, grad_input, grad_kernel):
+        self.triton = triton
+        self.jit = {"forward": forward, "grad_input": grad_input, "grad_kernel": grad_kernel}
+
+    def launch(self, name: str, programs: int, pixels: int, out, *inputs, x, w, kernel_size, stride):
+        """Run kernel ``name`` on ``programs`` x ceil(pixels / BLOCK) programs, writing ``out``."""
+        _, c, h, width = x.shape
+        g, ho, wo = w.shape[1], w.shape[3], w.shape[4]
+        self.jit[name][(programs, self.triton.cdiv(pixels, BLOCK))](*inputs, out, c, h, width, g, ho, wo,
+                                                                     K=kernel_size, S=stride, BLOCK_SIZE=BLOCK)
+        return out
+
+    def forward(self, x, w, kernel_size, stride):
+        b, c, (ho, wo) = *x.shape[:2], w.shape[3:]
+        return self.launch("forward", b * c, ho * wo, x.new_empty(b, c, ho, wo), x, w, x=x, w=w,
+                           kernel_size=kernel_size, stride=stride)
+
+    def grad_input(self, x, w, grad, kernel_size, stride):
+        b, c, h, width = x.shape
+        return self.launch("grad_input", b * c, h * width, torch.empty_like(x), w, grad, x=x, w=w,
+                           kernel_size=kernel_size, stride=stride)
+
+    def grad_kernel(self, x, w, grad, kernel_size, stride):
+        b, g = w.shape[:2]
+        return self.launch("grad_kernel", b * g * kernel_size**2, w.shape[3] * w.shape[4], torch.empty_like(w), x,
+                           grad, x=x, w=w, kernel_size=kernel_size, stride=stride)
 
 
-class TritonInvolution(torch.autograd.Function):
-    """``involution`` through the Triton kernels (any device Triton targets)."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, kernel_size, stride):
-        dtype = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
-        x32, w32 = x.to(dtype).contiguous(), kernel.to(dtype).contiguous()
-        ctx.save_for_backward(x32, w32)
-        ctx.kernel_size, ctx.stride, ctx.dtypes = kernel_size, stride, (x.dtype, kernel.dtype)
-        (b, c, h, w), (g, ho, wo) = x.shape, (kernel.shape[1], *kernel.shape[3:])
-        ctx.shape = (b, c, h, w, g, ho, wo)
-        out = torch.empty(b, c, ho, wo, dtype=dtype, device=x.device)
-        triton, forward, _, _ = kernels()
-        _launch(forward, (b * c, triton.cdiv(ho * wo, BLOCK)), x32, w32, out, shape=ctx.shape,
-                kernel_size=kernel_size, stride=stride)
-        return out.to(torch.promote_types(x.dtype, kernel.dtype))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, w = ctx.saved_tensors
-        grad = grad_out.to(x.dtype).contiguous()
-        b, c, h, width, g, ho, wo = ctx.shape
-        triton, _, grad_input, grad_kernel = kernels()
-        options = dict(shape=ctx.shape, kernel_size=ctx.kernel_size, stride=ctx.stride)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x)
-            _launch(grad_input, (b * c, triton.cdiv(h * width, BLOCK)), w, grad, grad_x, **options)
-            grad_x = grad_x.to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(w)
-            _launch(grad_kernel, (b * g * ctx.kernel_size**2, triton.cdiv(ho * wo, BLOCK)), x, grad, grad_w,
-                    **options)
-            grad_w = grad_w.to(ctx.dtypes[1])
-        return grad_x, grad_w, None, None
+TritonInvolution = involution_function("TritonInvolution", kernels)  # ``involution`` through the Triton kernels
