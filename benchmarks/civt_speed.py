@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from _machine import alone
 from _trainers import trainer_from_recipe
 
 RECIPE = """
@@ -97,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with alone():
+        main()

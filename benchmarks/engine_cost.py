@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from timm.task import TokenDistillationTask
 
+from _machine import alone
 from _trainers import trainer_from_recipe
 from kdkit._engine import Trainer
 from kdkit._flops import count_flops
@@ -166,4 +167,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with alone():
+        main()

@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 
 from kdkit_plugins import involution_fused  # noqa: E402
 from kdkit_plugins.involution import Involution2d, _Involution  # noqa: E402
+from _machine import alone  # noqa: E402
 
 # (label, batch, channels, size, kernel, stride): RedNet-26's involutions (stem, then stages 1-4).
 SHAPES_224 = [("stem", 32, 32, 112, 3, 1), ("s1", 32, 64, 56, 7, 1), ("s2 first", 32, 128, 56, 7, 2),
@@ -152,4 +153,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with alone():
+        main()

@@ -19,6 +19,7 @@ import torch
 
 import kdkit
 from kdkit_plugins import involution as involution_module
+from _machine import alone
 
 
 @contextlib.contextmanager
@@ -106,4 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with alone():
+        main()

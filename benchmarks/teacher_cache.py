@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from _machine import alone
 from _trainers import trainer_from_recipe
 from kdkit._engine import Trainer
 
@@ -128,4 +129,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with alone():
+        main()

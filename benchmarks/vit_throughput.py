@@ -18,6 +18,7 @@ from torch import nn
 from kdkit._model import DistillModel, Predictor
 from kdkit_plugins.heads import linear
 from kdkit_plugins.vit import vit
+from _machine import alone
 
 TOKENS = ["cls", "conv", "inv"]
 
@@ -85,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with alone():
+        main()
