@@ -45,7 +45,7 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
         while waiting and len(running) < parallel:
             job = waiting.pop(0)
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "w") as log:
+            with open(job.log, "a") as log:  # a resumed run adds to its log
                 process = subprocess.Popen([sys.executable, "-m", "kdkit", *job.args], stdout=log,
                                            stderr=subprocess.STDOUT, env=env)
             running.append((job, process, time.perf_counter()))
