@@ -3,7 +3,8 @@
 For each shape (224 px at batch 32, and 32 px with ``small_input`` at batch 128; fp32; NCHW inputs):
 
 - ``portable``: the K*K-pass operator (``kdkit_plugins.involution._Involution``), the one kdkit had first;
-- ``fused``: the compiled one-pass CPU kernels (``kdkit_plugins.involution_fused``);
+- ``fused``: the compiled one-pass kernels: C++ on the CPU (``kdkit_plugins.involution_fused``),
+  Triton on CUDA (``kdkit_plugins.involution_triton``);
 - ``unfold``: the textbook form, ``F.unfold`` then a weighted sum (49 copies of the input for K=7);
 - ``yardstick``: the same layer's kernel generation plus a KxK depthwise ``nn.Conv2d`` on the same
   tensor: the same multiply-adds in the aggregation with far less memory traffic.
@@ -12,9 +13,11 @@ Each variant times the whole ``Involution2d`` layer (kernel generation + aggrega
 backward; variants take turns within every repeat and the medians are reported. ``roofline`` is the
 aggregation's lower bound on this machine: max(bytes it must move / measured copy bandwidth,
 multiply-adds / measured matmul rate), for the forward and both gradients. ``MB`` is what the layer
-allocates in a forward+backward (torch's profiler: an upper bound of its peak).
+allocates in a forward+backward (on the CPU torch's profiler: an upper bound of its peak; on CUDA
+the peak of the caching allocator above what was allocated before).
 
     python benchmarks/involution.py --threads 2 --repeats 5
+    python benchmarks/involution.py --device cuda --repeats 20
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from kdkit_plugins import involution_fused  # noqa: E402
+from kdkit_plugins import involution_fused, involution_triton  # noqa: E402
 from kdkit_plugins.involution import Involution2d, _Involution  # noqa: E402
 from _machine import alone  # noqa: E402
 
@@ -71,30 +74,40 @@ def layer_with(op, layer: Involution2d):
 
 def step(fn, x) -> float:
     x.grad = None
-    start = time.perf_counter()
-    fn(x).backward()
-    return time.perf_counter() - start
+    return _timed(lambda: fn(x).backward(), x.device)
 
 
 def allocated_mb(fn, x) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(x).backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(x).backward()
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages()) / 2**20
 
 
-def machine_rates() -> tuple[float, float]:
+def machine_rates(device: torch.device) -> tuple[float, float]:
     """Copy bandwidth (bytes/s: read + write) and fp32 matmul rate (multiply-adds/s), best of 5."""
-    a = torch.empty(64 * 2**20 // 4)
+    size = 1024 if device.type == "cpu" else 8192
+    a = torch.empty((256 if device.type == "cuda" else 64) * 2**20 // 4, device=device)
     b = torch.empty_like(a)
-    copy = min(_timed(lambda: b.copy_(a)) for _ in range(5))
-    m = torch.randn(1024, 1024)
-    matmul = min(_timed(lambda: m @ m) for _ in range(5))
-    return 2 * a.numel() * 4 / copy, 1024**3 / matmul
+    copy = min(_timed(lambda: b.copy_(a), device) for _ in range(5))
+    m = torch.randn(size, size, device=device)
+    matmul = min(_timed(lambda: m @ m, device) for _ in range(5))
+    return 2 * a.numel() * 4 / copy, size**3 / matmul
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> float:
+    """Seconds ``fn`` takes, the device synchronised before and after (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -112,28 +125,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-unfold", action="store_true", help="leave out the (slow, memory-hungry) unfold form")
+    parser.add_argument("--device", default="cpu", help="cpu (fused = the C++ kernels) or cuda (fused = Triton)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if involution_fused.load() is None:
-        raise SystemExit("the fused involution could not be built here: nothing to compare")
-    built = involution_fused.compile_seconds
-    bandwidth, macs_per_s = machine_rates()
-    print(f"threads {args.threads}; fused build {'%.1f s' % built if built else 'cached'}; copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s; fp32 matmul {macs_per_s / 1e9:.1f} G multiply-adds/s; medians of "
-          f"{args.repeats}, variants interleaved; NCHW fp32")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if involution_triton.kernels() is None:
+            raise SystemExit("Triton is not installed here: nothing to compare")
+        fused, where = involution_triton.TritonInvolution, f"Triton on {torch.cuda.get_device_name()}"
+    else:
+        if involution_fused.load() is None:
+            raise SystemExit("the fused involution could not be built here: nothing to compare")
+        built = involution_fused.compile_seconds
+        fused, where = involution_fused.FusedInvolution, f"C++, build {'%.1f s' % built if built else 'cached'}"
+    bandwidth, macs_per_s = machine_rates(device)
+    print(f"threads {args.threads}; fused: {where}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; fp32 matmul "
+          f"{macs_per_s / 1e9:.1f} G multiply-adds/s; medians of {args.repeats}, variants interleaved; NCHW fp32")
     header = (f"{'shape':>28} | {'portable':>8} {'fused':>7} {'unfold':>7} {'yard':>7} {'roofl':>6} | "
               f"{'fused/yard':>10} {'portable/yard':>13} {'fused/roofl':>11} | MB port/fused")
     for title, shapes in (("224 px, batch 32", SHAPES_224), ("32 px small_input, batch 128", SHAPES_32)):
         print(f"\n{title}\n{header}")
         for label, b, c, size, k, s in shapes:
-            layer = Involution2d(c, k, s)
-            variants = {"portable": layer_with(_Involution.apply, layer),
-                        "fused": layer_with(involution_fused.FusedInvolution.apply, layer),
+            layer = Involution2d(c, k, s).to(device)
+            variants = {"portable": layer_with(_Involution.apply, layer), "fused": layer_with(fused.apply, layer),
                         "unfold": layer_with(unfold_involution, layer), "yard": Yardstick(layer, c, k, s)}
             if args.no_unfold:
                 del variants["unfold"]
-            x = torch.randn(b, c, size, size, requires_grad=True)
+            variants["yard"].to(device)
+            x = torch.randn(b, c, size, size, device=device, requires_grad=True)
             for fn in variants.values():
                 step(fn, x)  # warm-up
             times = {name: [] for name in variants}

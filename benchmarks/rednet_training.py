@@ -7,6 +7,7 @@ the medians are reported. The 32 px rows use ``small_input`` stems (full resolut
 the CIFAR-10 study's teachers do.
 
     python benchmarks/rednet_training.py --threads 2 --repeats 5
+    python benchmarks/rednet_training.py --device cuda --batch-224 128 --batch-32 512 --repeats 20
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from _machine import alone
 
 @contextlib.contextmanager
 def portable_involution():
-    """Run the block with the portable (K*K-pass) operator instead of the fused one."""
-    fused = involution_module.fused_applies
-    involution_module.fused_applies = lambda *args: False
+    """Run the block with the portable (K*K-pass) operator instead of the fused (CPU) or Triton (CUDA) one."""
+    fused, triton = involution_module.fused_applies, involution_module.triton_kernels
+    involution_module.fused_applies, involution_module.triton_kernels = (lambda *args: False), (lambda: None)
     try:
         yield
     finally:
-        involution_module.fused_applies = fused
+        involution_module.fused_applies, involution_module.triton_kernels = fused, triton
 
 
 def models_224() -> dict:
@@ -52,25 +53,34 @@ def models_32() -> dict:
             "ResNet-18 (timm)": (timm("resnet18"), False)}
 
 
-def train_step(model, optimizer, images, labels) -> float:
+def timed(fn) -> float:
+    """Seconds ``fn`` takes, CUDA synchronised before and after (its kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     start = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(model(images), labels)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    fn()
+    sync()
     return time.perf_counter() - start
+
+
+def train_step(model, optimizer, images, labels) -> float:
+    def step():
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return timed(step)
 
 
 @torch.no_grad()
 def infer_step(model, images) -> float:
-    start = time.perf_counter()
-    model(images)
-    return time.perf_counter() - start
+    return timed(lambda: model(images))
 
 
-def measure(models: dict, batch: int, size: int, classes: int, repeats: int) -> dict:
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, classes, (batch,))
+def measure(models: dict, batch: int, size: int, classes: int, repeats: int, device: torch.device) -> dict:
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    for model, _ in models.values():
+        model.to(device)
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, (m, _) in models.items()}
     times = {name: {"train": [], "infer": []} for name in models}
     for repeat in range(repeats + 1):  # the first round warms up
@@ -98,12 +108,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu (fused = the C++ kernels) or cuda (fused = Triton)")
+    parser.add_argument("--batch-224", type=int, default=8)
+    parser.add_argument("--batch-32", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads {args.threads}; SGD steps on random images; medians of {args.repeats}, models interleaved")
-    report("224 px, batch 8", measure(models_224(), 8, 224, 1000, args.repeats), "ResNet-26 (timm)")
-    report("32 px (small_input), batch 128", measure(models_32(), 128, 32, 10, args.repeats), "ResNet-10-T (timm)")
+    device = torch.device(args.device)
+    print(f"{device}, threads {args.threads}; fp32 SGD steps on random images; medians of {args.repeats}, "
+          f"models interleaved")
+    report(f"224 px, batch {args.batch_224}", measure(models_224(), args.batch_224, 224, 1000, args.repeats, device),
+           "ResNet-26 (timm)")
+    report(f"32 px (small_input), batch {args.batch_32}",
+           measure(models_32(), args.batch_32, 32, 10, args.repeats, device), "ResNet-10-T (timm)")
 
 
 if __name__ == "__main__":

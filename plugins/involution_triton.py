@@ -65,7 +65,8 @@ def kernels() -> TritonKernels | None:
         tl.store(gx + bc * H * W + pixels, acc, mask=inside)
 
     @triton.jit
-    def grad_kernel(x, grad, gw, C, H, W, G, Ho, Wo, K: tl.constexpr, S: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    def grad_kernel(x, grad, gw, C, H, W, G, Ho, Wo, K: tl.constexpr, S: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    GROUP: tl.constexpr):  # channels per group: a constant loop bound (Triton 3.6's interpreter needs it)
         bgk, block = tl.program_id(0), tl.program_id(1)
         bg, k = bgk // (K * K), bgk % (K * K)
         b, g = bg // G, bg % G
@@ -75,10 +76,9 @@ def kernels() -> TritonKernels | None:
         y, x_out = pixels // Wo, pixels % Wo
         row, col = y * S + i - (K - 1) // 2, x_out * S + j - (K - 1) // 2
         valid = inside & (row >= 0) & (row < H) & (col >= 0) & (col < W)
-        group = C // G
         acc = tl.zeros([BLOCK_SIZE], dtype=gw.dtype.element_ty)
-        for channel in range(group):
-            bc = b * C + g * group + channel
+        for channel in tl.static_range(GROUP):
+            bc = b * C + g * GROUP + channel
             value = tl.load(x + (bc * H + row) * W + col, mask=valid, other=0.0)
             acc += value * tl.load(grad + bc * Ho * Wo + pixels, mask=inside, other=0.0)
         tl.store(gw + bgk * Ho * Wo + pixels, acc, mask=inside)
@@ -93,12 +93,12 @@ class TritonKernels:
         self.triton = triton
         self.jit = {"forward": forward, "grad_input": grad_input, "grad_kernel": grad_kernel}
 
-    def launch(self, name: str, programs: int, pixels: int, out, *inputs, x, w, kernel_size, stride):
+    def launch(self, name: str, programs: int, pixels: int, out, *inputs, x, w, kernel_size, stride, **constants):
         """Run kernel ``name`` on ``programs`` x ceil(pixels / BLOCK) programs, writing ``out``."""
         _, c, h, width = x.shape
         g, ho, wo = w.shape[1], w.shape[3], w.shape[4]
         self.jit[name][(programs, self.triton.cdiv(pixels, BLOCK))](*inputs, out, c, h, width, g, ho, wo,
-                                                                     K=kernel_size, S=stride, BLOCK_SIZE=BLOCK)
+                                                                     K=kernel_size, S=stride, BLOCK_SIZE=BLOCK, **constants)
         return out
 
     def forward(self, x, w, kernel_size, stride):
@@ -114,7 +114,7 @@ class TritonKernels:
     def grad_kernel(self, x, w, grad, kernel_size, stride):
         b, g = w.shape[:2]
         return self.launch("grad_kernel", b * g * kernel_size**2, w.shape[3] * w.shape[4], torch.empty_like(w), x,
-                           grad, x=x, w=w, kernel_size=kernel_size, stride=stride)
+                           grad, x=x, w=w, kernel_size=kernel_size, stride=stride, GROUP=x.shape[1] // g)
 
 
 TritonInvolution = involution_function("TritonInvolution", kernels)  # ``involution`` through the Triton kernels
