@@ -155,6 +155,8 @@ def compare(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (numbers)."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also write a bar chart PNG of eval top-1."),
+    curves_file: Optional[Path] = typer.Option(None, "--curves", help="Also write a PNG of every recipe's "
+                                               "validation top-1 per epoch (mean and range over seeds)."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
     allow_weak_teachers: bool = typer.Option(False, "--allow-weak-teachers", help=ALLOW_WEAK_HELP),
     jobs: int = typer.Option(1, "--jobs", min=1, help="Train missing runs N at a time, each a process with "
@@ -178,6 +180,8 @@ def compare(
             output_path(csv_file).write_text(C.to_csv(rows, differences))
         if plot_file:
             C.plot(rows, output_path(plot_file))
+        if curves_file:
+            C.plot_curves(found, output_path(curves_file))
     console = Console(width=COMPARE_WIDTH)
     for table in C.tables(rows, differences):
         console.print(_table(table))
@@ -198,13 +202,13 @@ def _table(table) -> Table:
     return out
 
 
-cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output caches ([teacher_cache] in a recipe).")
+cache_app = typer.Typer(no_args_is_help=True, help="Teacher-output caches (a recipe's teacher_cache table).")
 app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("build")
 def cache_build(
-    recipe: Path = typer.Argument(..., help="The recipe TOML file (with a [teacher_cache] table)."),
+    recipe: Path = typer.Argument(..., help="The recipe TOML file (with a teacher_cache table)."),
     override: List[str] = typer.Option([], "-o", "--override", help="key.path=value (a TOML literal); repeatable."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
 ):

@@ -495,6 +495,35 @@ def to_markdown(rows: list[Row], differences: list[Difference] = ()) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def validation_curves(runs: list[Run]) -> dict[str, dict[int, list[float]]]:
+    """Per recipe, every epoch's validation top-1 (the eval prediction) of each of its seeds' runs."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        epochs = out.setdefault(run.summary["name"], {})
+        for line in RunDir(run.path).metrics.read_text().splitlines():
+            row = json.loads(line)
+            epochs.setdefault(row["epoch"], []).append(row["top1"]["eval"])
+    return out
+
+
+def plot_curves(runs: list[Run], path: str | Path) -> None:
+    """A PNG of each recipe's validation top-1 after every epoch: the mean over seeds and their range."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, epochs in validation_curves(runs).items():
+        x = sorted(epochs)
+        seeds = max(len(values) for values in epochs.values())
+        line, = ax.plot(x, [statistics.fmean(epochs[e]) for e in x], label=f"{name} ({seeds} seeds)")
+        ax.fill_between(x, [min(epochs[e]) for e in x], [max(epochs[e]) for e in x], color=line.get_color(),
+                        alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, format="png", dpi=120)
+
+
 def plot(rows: list[Row], path: str | Path) -> None:
     """A PNG bar chart: test top-1 mean per recipe with std error bars, teachers' top-1 as markers."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg

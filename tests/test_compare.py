@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 import kdkit._run
 from kdkit._cli import app
-from kdkit._compare import MARK, Run, paired_differences, seeded_recipe, summarize, to_markdown
+from kdkit._compare import (MARK, Run, load_run, paired_differences, seeded_recipe, summarize, to_markdown,
+                            validation_curves)
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -57,7 +58,8 @@ def test_seeds_make_sibling_run_directories(seed_runs):
 
 def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     _, dirs, _ = seed_runs
-    files = {"csv": tmp_path / "t.csv", "markdown": tmp_path / "md" / "t.md", "plot": tmp_path / "t.png"}
+    files = {"csv": tmp_path / "t.csv", "markdown": tmp_path / "md" / "t.md", "plot": tmp_path / "t.png",
+             "curves": tmp_path / "curves.png"}
     result = cli("compare", *dirs, *(arg for kind, path in files.items() for arg in (f"--{kind}", path)))
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.output.splitlines()) <= 100  # reads in a 100-column terminal
@@ -78,6 +80,8 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
                            "params": [s["params"] for s in summaries],
                            "train_images_per_s": [s["train_images_per_s"] for s in summaries]}.items():
         assert float(row[column]) == pytest.approx(statistics.fmean(values)), column
+
+    assert files["plot"].read_bytes()[:8] == files["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     markdown = files["markdown"].read_text()
     assert "student plugin=timm, model=test_vit, model_kwargs.img_size=32" in markdown  # shared: a caption
@@ -201,6 +205,17 @@ def test_rows_and_paired_differences_by_hand():
     assert "| new | +2.00 ± 1.41 | [-10.71, +14.71] | 0.295 | 0.295 | 2 |" in markdown
     assert "| third | +1.33 ± 0.58 | [-0.10, +2.77] | 0.057 | 0.114 | 3 |" in markdown
     assert "| other | no common seeds | n/a | n/a | n/a | 0 |" in markdown
+
+
+def test_validation_curves_gather_every_epoch_of_every_seed(seed_runs):
+    _, dirs, _ = seed_runs
+    runs = [load_run(d) for d in dirs]
+    by_hand: dict[int, list[float]] = {}
+    for d in dirs:
+        for line in (d / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            by_hand.setdefault(row["epoch"], []).append(row["top1"]["eval"])
+    assert validation_curves(runs) == {"two": by_hand} and all(len(v) == 2 for v in by_hand.values())
 
 
 def test_holm_by_hand():
