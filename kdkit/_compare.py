@@ -203,7 +203,8 @@ def train_in_stages(todo: list[Planned], jobs: int, flags: list[str], console=No
             if out and out not in teachers and RunDir(out).status() != "completed":
                 teachers[out] = run_command(f"teacher {spec.recipe.table['name']}", spec.recipe.path, (), out, flags)
         if exp.teacher_cache and exp.name not in caches:
-            args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)), *flags]
+            args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)),
+                    *(f for f in flags if f == "--allow-random-teachers")]  # a cache build scores no teacher
             caches[exp.name] = Job(f"caches of {exp.name}", args, plan.path.parent / "teacher_cache.log")
     students = [run_command(f"{plan.recipe.table['name']} seed {plan.recipe.table.get('seed', 0)}", plan.recipe.path,
                             plan.overrides, plan.path, [*flags, "--no-train-teachers"]) for plan in todo]
