@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from _machine import alone
+from _timing import seconds
 from _trainers import trainer_from_recipe
 
 RECIPE = """
@@ -78,16 +78,12 @@ def main() -> None:
             trainers[label] = trainer_from_recipe(text, Path(tmp), label.split(",")[0].replace(" ", "_"), device)
         images = torch.randn(args.batch_size, 3, 224, 224)
         labels = torch.randint(0, 1000, (args.batch_size,))
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times = {label: [] for label in trainers}
         for repeat in range(args.repeats + 2):  # two warm-up rounds (and compilation) first
             for label, trainer in trainers.items():
-                synchronize()
-                start = time.perf_counter()
-                trainer.train_step(images, labels, 0)
-                synchronize()
+                took = seconds(lambda: trainer.train_step(images, labels, 0), device)
                 if repeat >= 2:
-                    times[label].append(time.perf_counter() - start)
+                    times[label].append(took)
     rates = {label: args.batch_size / statistics.median(t) for label, t in times.items()}
     alone = rates["student alone"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

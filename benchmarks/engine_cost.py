@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import timm
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from timm.task import TokenDistillationTask
 
 from _machine import alone
+from _timing import seconds
 from _trainers import trainer_from_recipe
 from kdkit._engine import Trainer
 from kdkit._flops import count_flops
@@ -79,12 +79,6 @@ def kdkit_trainer(folder: Path, name: str, tokens: list[str], teachers: dict[str
                                folder, name)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def timm_deit_step(images, labels, teacher: torch.nn.Module):
     """timm's distilled ViT of the kdkit student's shape, trained by TokenDistillationTask."""
     student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=SIZE, patch_size=PATCH, embed_dim=DIM,
@@ -123,7 +117,7 @@ def hand_civt_step(trainer: Trainer, images, labels):
 
 def matmul_rate() -> float:
     m = torch.randn(1024, 1024)
-    return 1024**3 / min(timed(lambda: m @ m) for _ in range(5))
+    return 1024**3 / min(seconds(lambda: m @ m) for _ in range(5))
 
 
 def main() -> None:
@@ -149,7 +143,7 @@ def main() -> None:
         times = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, step in variants.items():
-                times[name].append(timed(step))
+                times[name].append(seconds(step))
         med = {name: statistics.median(t) for name, t in times.items()}
         macs = count_flops(Predictor(civt.state.model), images[:1]).total
         teacher_macs = sum(count_flops(t.model, images[:1]).total for t in civt.parts.teachers.values())

@@ -25,7 +25,6 @@ import argparse
 import math
 import os
 import statistics
-import time
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler (memory figures) would log every start and stop
 import torch  # noqa: E402
@@ -35,6 +34,7 @@ from torch import nn  # noqa: E402
 from kdkit_plugins import involution_fused, involution_triton  # noqa: E402
 from kdkit_plugins.involution import Involution2d, _Involution  # noqa: E402
 from _machine import alone  # noqa: E402
+from _timing import seconds  # noqa: E402
 
 # (label, batch, channels, size, kernel, stride): RedNet-26's involutions (stem, then stages 1-4).
 SHAPES_224 = [("stem", 32, 32, 112, 3, 1), ("s1", 32, 64, 56, 7, 1), ("s2 first", 32, 128, 56, 7, 2),
@@ -74,7 +74,7 @@ def layer_with(op, layer: Involution2d):
 
 def step(fn, x) -> float:
     x.grad = None
-    return _timed(lambda: fn(x).backward(), x.device)
+    return seconds(lambda: fn(x).backward(), x.device)
 
 
 def allocated_mb(fn, x) -> float:
@@ -95,20 +95,10 @@ def machine_rates(device: torch.device) -> tuple[float, float]:
     size = 1024 if device.type == "cpu" else 8192
     a = torch.empty((256 if device.type == "cuda" else 64) * 2**20 // 4, device=device)
     b = torch.empty_like(a)
-    copy = min(_timed(lambda: b.copy_(a), device) for _ in range(5))
+    copy = min(seconds(lambda: b.copy_(a), device) for _ in range(5))
     m = torch.randn(size, size, device=device)
-    matmul = min(_timed(lambda: m @ m, device) for _ in range(5))
+    matmul = min(seconds(lambda: m @ m, device) for _ in range(5))
     return 2 * a.numel() * 4 / copy, size**3 / matmul
-
-
-def _timed(fn, device: torch.device) -> float:
-    """Seconds ``fn`` takes, the device synchronised before and after (CUDA runs asynchronously)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def roofline_s(b, c, size, k, s, bandwidth, macs_per_s) -> float:

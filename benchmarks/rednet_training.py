@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import torch
 
 import kdkit
 from kdkit_plugins import involution as involution_module
 from _machine import alone
+from _timing import seconds
 
 
 @contextlib.contextmanager
@@ -53,27 +53,17 @@ def models_32() -> dict:
             "ResNet-18 (timm)": (timm("resnet18"), False)}
 
 
-def timed(fn) -> float:
-    """Seconds ``fn`` takes, CUDA synchronised before and after (its kernels run asynchronously)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def train_step(model, optimizer, images, labels) -> float:
     def step():
         torch.nn.functional.cross_entropy(model(images), labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return timed(step)
+    return seconds(step, images.device)
 
 
 @torch.no_grad()
 def infer_step(model, images) -> float:
-    return timed(lambda: model(images))
+    return seconds(lambda: model(images), images.device)
 
 
 def measure(models: dict, batch: int, size: int, classes: int, repeats: int, device: torch.device) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import timm
 import torch
@@ -19,6 +18,7 @@ from kdkit._model import DistillModel, Predictor
 from kdkit_plugins.heads import linear
 from kdkit_plugins.vit import vit
 from _machine import alone
+from _timing import seconds
 
 TOKENS = ["cls", "conv", "inv"]
 
@@ -28,11 +28,6 @@ def civt_ti(eval_heads: list[str]) -> nn.Module:
     student = vit(preset="ti", tokens=TOKENS)
     heads = {t: linear(in_features=student.embed_dim, num_classes=1000) for t in TOKENS}
     return Predictor(DistillModel(student, heads, {t: t for t in TOKENS}, eval_heads))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -49,11 +44,7 @@ def images_per_second(models: dict[str, nn.Module], batch: torch.Tensor, warmup:
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            synchronize(batch.device)
-            start = time.perf_counter()
-            model(batch)
-            synchronize(batch.device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(lambda: model(batch), batch.device))
     return {name: [batch.shape[0] / t for t in ts] for name, ts in times.items()}
 
 
