@@ -120,9 +120,10 @@ def test_half_precision_logits_are_computed_in_float32():
     assert value.dtype == torch.float32
 
 
-def test_dkd_needs_the_soft_target():
+@pytest.mark.parametrize("target", [LABELS, torch.ones(2, 4) / 4], ids=["labels", "other-class-count"])
+def test_dkd_needs_the_soft_target(target):
     with pytest.raises(KdkitError, match="soft target"):
-        dkd()(STUDENT, target=LABELS, labels=LABELS, teacher_logits=[TEACHER])
+        dkd()(STUDENT, target=target, labels=LABELS, teacher_logits=[TEACHER])
 
 
 def test_a_mixed_image_takes_the_class_its_target_weighs_most():

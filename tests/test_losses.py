@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from kdkit._plugins import default_plugins
 from kdkit_plugins.losses import ce, hard, kl
 
 STUDENT = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
@@ -93,3 +94,8 @@ def test_losses_declare_whether_they_need_teachers_and_what_a_cache_can_give_the
     # anything but the teachers' probabilities at temperature 1 needs their logits
     for options in (dict(tau=2.0), dict(tau=0.5), dict(ensemble="mean_logit"), dict(tau=2.0, ensemble="mean_logit")):
         assert kl(**options).probabilities_only is False, options
+
+
+def test_the_built_in_losses_are_registered_under_their_recipe_names():
+    plugins = default_plugins()
+    assert [plugins.get("loss", name) for name in ("ce", "kl", "hard")] == [ce, kl, hard]
