@@ -56,10 +56,13 @@ def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
     WORK.mkdir(exist_ok=True)
     config, session = WORK / f"{group['name']}.toml", WORK / f"{group['name']}.sqlite"
     config.write_text(config_text(group, settings))
-    if not session.is_file():
-        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(session)], check=True, cwd=ROOT)
-        subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter", str(session), str(config)],
+    if not session.is_file():  # initialised under another name first, so that an interrupted init is redone
+        draft = session.with_suffix(".draft")
+        draft.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(draft)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter", str(draft), str(config)],
                        check=True, cwd=ROOT)
+        draft.rename(session)
     subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], check=True, cwd=ROOT)
     rows = sqlite3.connect(session).execute(
         "select s.module_path, s.operator_name, s.start_pos_row, r.test_outcome, r.worker_outcome "
