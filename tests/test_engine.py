@@ -217,29 +217,3 @@ def test_a_teacher_never_leaves_eval_mode(write_recipe):
     assert not any(m.training for m in teacher.modules())
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in stats.items())
     assert not any(p.requires_grad for p in teacher.parameters())
-
-
-def test_the_prediction_is_the_mean_of_the_eval_heads():
-    """Three heads that disagree: the prediction is their mean, not any one of them."""
-    from kdkit._model import DistillModel
-
-    class Constant(torch.nn.Module):
-        def __init__(self, logits):
-            super().__init__()
-            self.logits = torch.tensor(logits)
-
-        def forward(self, features):
-            return self.logits.expand(len(features), -1)
-
-    class Student(torch.nn.Module):
-        embedding_dims = {"x": 1}
-
-        def forward(self, images):
-            return {"x": images.flatten(1)[:, :1]}
-
-    heads = {"cls": Constant([3.0, 0.0, 0.0]), "conv": Constant([0.0, 2.0, 0.0]), "inv": Constant([0.0, 2.0, 1.0])}
-    model = DistillModel(Student(), heads, {name: "x" for name in heads}, ["cls", "conv", "inv"])
-    torch.testing.assert_close(model.predict(torch.zeros(2, 3)), torch.tensor([[1.0, 4 / 3, 1 / 3]] * 2))
-    assert model.predict(torch.zeros(1, 3)).argmax().item() == 1  # the mean's class, which cls alone misses
-    model.eval_heads = ["cls"]
-    assert model.predict(torch.zeros(1, 3)).argmax().item() == 0
