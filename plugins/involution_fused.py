@@ -4,7 +4,8 @@
 input) that keep one group's channels in cache while they run over the kernel offsets, vectorized
 along image rows. It is compiled on first use with the machine's C++ compiler through
 ``torch.utils.cpp_extension`` (about a minute, once: torch caches the build under
-``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source and this CPU).
+``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source, its path and
+this CPU: two checkouts sharing one build would rebuild it whenever the other had loaded it).
 Where it cannot be built (no compiler, no ninja) ``load()`` returns None, warns once, and
 ``kdkit_plugins.involution`` keeps its portable operator.
 """
@@ -41,7 +42,7 @@ def load():
 
     source = SOURCE.read_bytes()
     machine = f"{platform.machine()} {platform.processor()} {_cpu_flags()}"
-    name = "kdkit_involution_" + hashlib.sha256(source + machine.encode()).hexdigest()[:12]
+    name = "kdkit_involution_" + hashlib.sha256(source + f"{SOURCE} {machine}".encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
         module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native"],

@@ -10,7 +10,7 @@ import kdkit
 from kdkit._errors import KdkitError
 from kdkit._plugins import default_plugins
 from kdkit_plugins.heads import linear
-from kdkit_plugins.vit import vit
+from kdkit_plugins.vit import kdkit_convert_checkpoint, vit
 
 TOKENS = ["cls", "conv", "inv"]
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0)
@@ -52,6 +52,39 @@ def test_initialised_as_deit():
     learned = torch.cat([token.flatten() for token in student.dist_tokens.values()])
     for tensor in (learned, student.pos_embed, student.blocks[0].attn.qkv.weight):
         assert 0.015 < tensor.std() < 0.025
+
+
+@pytest.mark.parametrize("preset, dim, heads", [("ti", 192, 3), ("s", 384, 6)])
+def test_presets_are_deit_ti_and_s(preset, dim, heads):
+    """224 px, 16 px patches, 12 blocks, DeiT's widths and heads, and drop path rising to 0.1 (DeiT's recipe)."""
+    with torch.device("meta"):
+        student = vit(preset=preset)
+    assert (student.patch_embed.img_size, student.patch_embed.patch_size) == ((224, 224), (16, 16))
+    assert (student.embed_dim, len(student.blocks), student.blocks[0].attn.num_heads) == (dim, 12, heads)
+    assert student.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert isinstance(student.head, torch.nn.Identity)  # kdkit's heads classify, not timm's
+
+
+@torch.no_grad()
+def test_the_class_token_starts_as_each_kind_of_reference_started_it():
+    """Learned tokens: today's timm (std 1e-6); stem tokens: the released code's timm (std 0.02), and the
+    stems' convolution biases (the involution's kernel generation) at zero, as mmcv started them."""
+    assert small_vit("learned").cls_token.std() < 1e-5
+    stem = small_vit("stem")
+    assert 0.015 < stem.cls_token.std() < 0.025
+    biases = [m.bias for m in stem.stems.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
+    stem_biases = [m.bias for s in stem.stems.values() for m in s.stem.modules()
+                   if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
+    assert stem_biases and all(not b.any() for b in stem_biases)
+    assert any(b.any() for b in biases)  # the projections keep PyTorch's initial bias
+
+
+def test_only_a_released_civt_checkpoint_is_converted():
+    """Both stems' projections mark the released layout; a checkpoint with one of them is someone else's."""
+    both = {"conv_embed.proj.weight": torch.zeros(1), "inv_embed.proj.weight": torch.zeros(1)}
+    assert set(kdkit_convert_checkpoint(both)) == {"student.stems.conv.proj.weight", "student.stems.inv.proj.weight"}
+    for key in both:
+        assert kdkit_convert_checkpoint({key: torch.zeros(1)}) is None
 
 
 @pytest.mark.parametrize("token_kind", KINDS)
