@@ -2,6 +2,7 @@
 
     python -m pip install -e '.[test,mutation]'
     python tests/mutation/run.py [GROUP ...]          # every group of pyproject.toml by default
+    python tests/mutation/run.py --recheck [GROUP ...] # run the unexplained survivors again (new tests)
 
 Each group of ``[tool.kdkit.mutation]`` in pyproject.toml names modules and the tests that cover them.
 cosmic-ray mutates one place at a time (an operator, a number, a condition...) **in the files of this
@@ -51,7 +52,23 @@ def equivalents() -> set[tuple[str, str, str]]:
     return out
 
 
-def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
+def source_line(module: str, row: int) -> str:
+    return (ROOT / module).read_text().splitlines()[row - 1].strip()
+
+
+def forget_survivors(session: Path) -> None:
+    """Drop the results of the survivors not listed as equivalent, so that the next exec runs them again."""
+    db = sqlite3.connect(session)
+    accepted = equivalents()
+    rows = db.execute("select r.job_id, s.module_path, s.operator_name, s.start_pos_row from mutation_specs s "
+                      "join work_results r on s.job_id = r.job_id where r.test_outcome = 'SURVIVED'").fetchall()
+    again = [(job,) for job, module, operator, row in rows if (module, operator, source_line(module, row)) not in accepted]
+    db.executemany("delete from work_results where job_id = ?", again)
+    db.commit()
+    print(f"{session.stem}: {len(again)} survivors to run again", flush=True)
+
+
+def run_group(group: dict, settings: dict, recheck: bool = False) -> tuple[int, int, int, list[str]]:
     """Run (or continue) one group's session; (killed, survived, equivalent, unexplained survivors)."""
     WORK.mkdir(exist_ok=True)
     config, session = WORK / f"{group['name']}.toml", WORK / f"{group['name']}.sqlite"
@@ -63,6 +80,8 @@ def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
         subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter", str(draft), str(config)],
                        check=True, cwd=ROOT)
         draft.rename(session)
+    elif recheck:
+        forget_survivors(session)
     subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], check=True, cwd=ROOT)
     rows = sqlite3.connect(session).execute(
         "select s.module_path, s.operator_name, s.start_pos_row, r.test_outcome, r.worker_outcome "
@@ -77,7 +96,7 @@ def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
         if test_outcome == "killed":  # a failing test, or one that ran past the timeout
             killed += 1
             continue
-        source = (ROOT / module).read_text().splitlines()[row - 1].strip()
+        source = source_line(module, row)
         if (module, operator, source) in accepted:
             equivalent += 1
         else:
@@ -87,12 +106,14 @@ def run_group(group: dict, settings: dict) -> tuple[int, int, int, list[str]]:
     return killed, survived, equivalent, unexplained
 
 
-def main(names: list[str]) -> int:
+def main(args: list[str]) -> int:
+    recheck = "--recheck" in args
+    names = [a for a in args if a != "--recheck"]
     settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["kdkit"]["mutation"]
     groups = [g for g in settings["groups"] if not names or g["name"] in names]
     total = [0, 0, 0]
     for group in groups:
-        killed, survived, equivalent, _ = run_group(group, settings)
+        killed, survived, equivalent, _ = run_group(group, settings, recheck)
         total = [t + n for t, n in zip(total, (killed, survived, equivalent))]
         print(f"{group['name']:>10}: {killed} killed, {survived} survived, {equivalent} equivalent: "
               f"{killed / max(killed + survived, 1):.1%} of the others killed", flush=True)
