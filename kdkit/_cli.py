@@ -220,7 +220,7 @@ def cache_build(
     for name, record in caches.items():
         typer.echo(f"{name}: {record['path']} ({record['images']} images x {record['views']} views, "
                    f"{record['bytes'] / 2**20:.1f} MiB, {record['bytes_per_image']:.0f} bytes per image, "
-                   f"built in {record['build_s']:.0f} s)")
+                   f"{record['build_s']:.0f} s to build, summed over its chunks)")
 
 
 @app.command()

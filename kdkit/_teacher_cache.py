@@ -68,7 +68,6 @@ class TeacherOutputs:
         self.path, self.key, self.images, self.classes = path, key, images, classes
         self.views, self.top_k = key["views"], key["top_k"]
         self.chunks = -(-images // CHUNK)
-        self.build_s = 0.0  # how long this process took to build its chunks, this time
         shapes = ({"logits": ((images, self.views, classes), np.float16)} if not self.top_k else
                   {"values": ((images, self.views, self.top_k), np.float16),
                    "classes": ((images, self.views, self.top_k), np.int32),
@@ -100,8 +99,9 @@ class TeacherOutputs:
     def complete(self) -> bool:
         return (self.path / "complete.json").is_file()
 
-    def write_chunk(self, chunk: int, outputs: torch.Tensor) -> None:
-        """Store chunk ``chunk``'s logits, (images, views, classes) in fp32, then mark it done."""
+    def write_chunk(self, chunk: int, outputs: torch.Tensor, seconds: float = 0.0) -> None:
+        """Store chunk ``chunk``'s logits, (images, views, classes) in fp32, then mark it done with the
+        seconds it took to compute."""
         start = chunk * CHUNK
         arrays = {name: np.lib.format.open_memmap(file, mode="r+") for name, file in self.files.items()}
         end = start + outputs.shape[0]
@@ -115,7 +115,7 @@ class TeacherOutputs:
         for array in arrays.values():
             array.flush()
         marker = self.path / "chunks" / f"{chunk}.done"
-        atomic_write(marker, lambda tmp: tmp.write_text(""))
+        atomic_write(marker, lambda tmp: tmp.write_text(f"{seconds:.3f}"))
 
     def finish(self) -> None:
         """Mark the cache complete once every chunk is done (the main process, after all have built)."""
@@ -123,8 +123,10 @@ class TeacherOutputs:
         if missing:
             raise KdkitError(f"{self.path}: {len(missing)} chunks of the teacher-output cache are not built")
         size = sum(f.stat().st_size for f in self.files.values())
+        # every chunk's time, whichever process or sitting built it (one process: the build's wall time)
+        build_s = sum(float((self.path / "chunks" / f"{c}.done").read_text() or 0) for c in range(self.chunks))
         record = {"images": self.images, "views": self.views, "top_k": self.top_k, "bytes": size,
-                  "bytes_per_image": size / self.images, "build_s": round(self.build_s, 1)}
+                  "bytes_per_image": size / self.images, "build_s": round(build_s, 1)}
         atomic_write(self.path / "complete.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
     # --- reading ----------------------------------------------------------------------------------
@@ -217,12 +219,12 @@ class _Views(Dataset):
 def build_cache(cache: TeacherOutputs, exp, parts, teacher, device, *, rank: int = 0, world: int = 1,
                 progress=None) -> None:
     """Run the teacher once on every (image, view) of this process's chunks that are not done yet."""
-    start = time.perf_counter()
     mean, std = parts.normalization(device)
     todo = [c for c in range(cache.chunks) if c % world == rank and not cache.done(c)]
     if progress is not None:
         progress.start(f"teacher outputs of {cache.key['teacher']!r}", len(todo) * CHUNK * cache.views)
     for chunk in todo:
+        start = time.perf_counter()
         indices = range(chunk * CHUNK, min((chunk + 1) * CHUNK, cache.images))
         keys = [(index, view) for index in indices for view in range(cache.views)]
         loader = DataLoader(_Views(parts.train_set, keys), batch_size=exp.data.batch_size_eval,
@@ -232,8 +234,7 @@ def build_cache(cache: TeacherOutputs, exp, parts, teacher, device, *, rank: int
             outputs.append(teacher.logits(images.to(device), mean, std).float().cpu())
             if progress is not None:
                 progress.advance(len(images))
-        cache.write_chunk(chunk, torch.cat(outputs).view(len(indices), cache.views, -1))
-    cache.build_s = time.perf_counter() - start
+        cache.write_chunk(chunk, torch.cat(outputs).view(len(indices), cache.views, -1), time.perf_counter() - start)
     if progress is not None:
         progress.stop()
 

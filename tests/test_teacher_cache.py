@@ -122,10 +122,10 @@ def test_an_interrupted_build_resumes_to_the_same_cache(write_recipe, monkeypatc
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "other"))
     real = _teacher_cache.TeacherOutputs.write_chunk
 
-    def stop_at_the_third_chunk(self, chunk, outputs):
+    def stop_at_the_third_chunk(self, chunk, outputs, seconds):
         if chunk == 2:
             raise KeyboardInterrupt
-        real(self, chunk, outputs)
+        real(self, chunk, outputs, seconds)
 
     monkeypatch.setattr(_teacher_cache.TeacherOutputs, "write_chunk", stop_at_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
@@ -137,6 +137,10 @@ def test_an_interrupted_build_resumes_to_the_same_cache(write_recipe, monkeypatc
     assert resumed.keys() == whole.keys()
     for path, array in resumed.items():
         assert np.array_equal(array, whole[path]), path
+    for cache in (tmp_path / "other").glob("teacher_outputs/*"):  # its build time counts both sittings
+        seconds = [float(marker.read_text()) for marker in sorted((cache / "chunks").glob("*.done"))]
+        assert all(s > 0 for s in seconds)
+        assert json.loads((cache / "complete.json").read_text())["build_s"] == pytest.approx(sum(seconds), abs=0.1)
 
 
 def test_a_cache_built_for_other_settings_is_refused(write_recipe):
