@@ -129,3 +129,23 @@ def test_the_teacher_cache_is_keyed_by_the_datas_content(write_recipe, tmp_path,
     image = tmp_path / "data" / "train" / "cat" / "000.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)  # same path, same recipe, other pixels
     assert teacher_run_dir(load_recipe(recipe), plugins) != before
+
+
+
+def small_model():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    return model
+
+
+def test_the_weights_hash_is_stable_and_sees_names_dtypes_and_buffers():
+    """Teacher caches and resumed runs are keyed by it: it must not change between versions of kdkit."""
+    from kdkit._teacher import weights_hash
+
+    assert weights_hash(small_model()) == "a593651b7b08dc0c"
+    renamed = torch.nn.Sequential(torch.nn.Identity(), *small_model())  # the same tensors under other names
+    other_buffer = small_model()
+    other_buffer[1].running_mean += 1
+    hashes = {weights_hash(m) for m in (renamed, small_model().double(), other_buffer)}
+    assert len(hashes) == 3 and "a593651b7b08dc0c" not in hashes
