@@ -157,15 +157,29 @@ def test_a_teacher_sees_the_image_resized_to_its_size_antialiased_when_smaller(s
     torch.testing.assert_close(seen["x"], expected)
 
 
+def test_a_teacher_runs_its_model_as_given_unless_asked():
+    """By default a teacher computes in fp32, uncompiled, in the model's own memory format."""
+    from kdkit._teacher import Teacher
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    teacher = Teacher(model, mean=(0.0,) * 3, std=(1.0,) * 3)
+    images = torch.rand(2, 3, 8, 8)
+    out = teacher.logits(images, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    assert teacher.calls[0] is model and model[0].weight.is_contiguous()
+    assert torch.equal(out, model(images))
+
+
 def test_compile_switches_wrap_the_student_and_the_teachers_not_their_weights(write_recipe):
     from torch._dynamo.eval_frame import OptimizedModule
 
     recipe = write_recipe(TWO_TEACHER_RECIPE)
     trainer = make_trainer(recipe, ["train.compile=true", "teachers.conv.compile=true"])
     assert isinstance(trainer.forward, OptimizedModule) and trainer.forward._orig_mod is trainer.state.model
-    whole, _ = trainer.parts.teachers["conv"].calls
+    whole, features = trainer.parts.teachers["conv"].calls
     assert isinstance(whole, OptimizedModule) and not isinstance(trainer.parts.teachers["other"].calls[0],
                                                                  OptimizedModule)
+    assert hasattr(features, "_torchdynamo_orig_callable")  # the bf16 path's features, compiled too
     assert trainer.parts.teacher_hashes == make_trainer(recipe).parts.teacher_hashes  # compiling keeps the weights
 
 
