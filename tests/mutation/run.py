@@ -42,14 +42,21 @@ def config_text(group: dict, settings: dict) -> str:
     ]) + "\n"
 
 
-def equivalents() -> set[tuple[str, str, str]]:
-    """(module, operator, source line) of the survivors accepted as equivalent: ``module | operator | line | why``."""
-    out = set()
+def equivalent_entries() -> list[tuple[str, str, str, str]]:
+    """The survivors accepted as equivalent, one per line: ``module | operator | source line | why``
+    (the source line may itself hold " | ", a reason may not)."""
+    entries = []
     for line in EQUIVALENT.read_text().splitlines() if EQUIVALENT.is_file() else []:
         if line.strip() and not line.startswith("#"):
-            module, operator, source, _why = (part.strip() for part in line.split(" | ", 3))
-            out.add((module, operator, source))
-    return out
+            rest, why = line.rsplit(" | ", 1)
+            module, operator, source = rest.split(" | ", 2)
+            entries.append((module.strip(), operator.strip(), source.strip(), why.strip()))
+    return entries
+
+
+def equivalents() -> set[tuple[str, str, str]]:
+    """(module, operator, source line) of each accepted equivalent."""
+    return {entry[:3] for entry in equivalent_entries()}
 
 
 def source_line(module: str, row: int) -> str:
