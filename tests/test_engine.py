@@ -141,20 +141,24 @@ def test_bf16_heads_and_teacher_classifiers_give_fp32_logits(write_recipe):
     torch.testing.assert_close(out, teacher.model.get_classifier()(pooled.float()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size", [8, 48])
-def test_a_teacher_sees_the_image_resized_to_its_size_antialiased_when_smaller(size):
+@pytest.mark.parametrize("size", [3, 8, 32, 48])
+def test_a_teacher_sees_the_image_resized_to_its_size_antialiased_when_smaller(size, monkeypatch):
+    """Resized only where the size differs (a batch of 8 images and 3 channels: no other dimension is 32)."""
     from kdkit._teacher import Teacher
 
-    seen = {}
+    seen, resized = {}, []
     model = torch.nn.Conv2d(3, 4, 1)
     model.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
     teacher = Teacher(torch.nn.Sequential(model, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
                       mean=(0.0,) * 3, std=(1.0,) * 3, input_size=size)
-    images = torch.rand(2, 3, 32, 32)
-    teacher.logits(images, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    images = torch.rand(8, 3, 32, 32)
     expected = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False,
                                                antialias=size < 32)
-    torch.testing.assert_close(seen["x"], expected)
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: resized.append(1) or interpolate(*a, **k))
+    teacher.logits(images, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    torch.testing.assert_close(seen["x"], expected, rtol=0, atol=0)
+    assert len(resized) == (size != 32)
 
 
 def test_a_teacher_runs_its_model_as_given_unless_asked():
