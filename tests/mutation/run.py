@@ -20,6 +20,7 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -120,10 +121,12 @@ def main(args: list[str]) -> int:
     groups = [g for g in settings["groups"] if not names or g["name"] in names]
     total = [0, 0, 0]
     for group in groups:
+        start = time.perf_counter()
         killed, survived, equivalent, _ = run_group(group, settings, recheck)
         total = [t + n for t, n in zip(total, (killed, survived, equivalent))]
         print(f"{group['name']:>10}: {killed} killed, {survived} survived, {equivalent} equivalent: "
-              f"{killed / max(killed + survived, 1):.1%} of the others killed", flush=True)
+              f"{killed / max(killed + survived, 1):.1%} of the others killed "
+              f"({(time.perf_counter() - start) / 60:.0f} min this time)", flush=True)
     killed, survived, equivalent = total
     print(f"{'all':>10}: {killed} killed, {survived} survived, {equivalent} equivalent: "
           f"{killed / max(killed + survived, 1):.1%} killed (survivors: .mutation/*.survivors)")
