@@ -15,6 +15,7 @@ OPERATORS = {
         involution_fused.load() is None, reason="the fused CPU involution could not be built here")),
 }
 operators = pytest.mark.parametrize("op", list(OPERATORS.values()), ids=list(OPERATORS))
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")  # e.g. torch resizing an ``out=`` tensor: a shape slip
 
 
 def reference(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
@@ -151,9 +152,13 @@ def test_without_a_build_the_portable_operator_serves(tmp_path):
     assert result.stdout.strip() == "_InvolutionBackward"
 
 
-def test_module_refuses_partial_groups():
-    with pytest.raises(ValueError, match="divisible by group_channels"):
-        Involution2d(24, group_channels=16)
+@pytest.mark.parametrize("kwargs", [dict(channels=24, group_channels=16), dict(channels=16, kernel_size=4),
+                                    dict(channels=2, group_channels=1, reduction_ratio=4)],
+                         ids=["partial-group", "even-kernel", "fewer-channels-than-the-reduction"])
+def test_module_refuses_what_it_cannot_build(kwargs):
+    with pytest.raises(ValueError, match="Involution2d needs"):
+        Involution2d(**kwargs)
+    Involution2d(**{**kwargs, "channels": 32, "kernel_size": 3, "group_channels": 16})  # the same, made valid
 
 
 TRITON_CHECK = """
