@@ -34,6 +34,8 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, stride: 
     K*K-fold ``F.unfold`` buffer. All save only ``x`` and ``kernel`` for the backward.
     """
     b, c, h, w = x.shape
+    if kernel_size % 2 == 0:
+        raise ValueError(f"involution needs an odd kernel_size (its padding keeps the output's size), got {kernel_size}")
     p = (kernel_size - 1) // 2
     h_out, w_out = (h + 2 * p - kernel_size) // stride + 1, (w + 2 * p - kernel_size) // stride + 1
     if kernel.dim() != 5 or kernel.shape[0] != b or kernel.shape[2:] != (kernel_size**2, h_out, w_out) \

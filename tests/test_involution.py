@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdkit_plugins import involution_fused
-from kdkit_plugins.involution import Involution2d, _Involution, involution
+from kdkit_plugins.involution import Involution2d, _Involution, fused_applies, involution
 
 # Both implementations, each held to the float64 reference: the portable K*K-pass operator and the
 # compiled one-pass CPU kernels (skipped where this machine cannot build them).
@@ -96,6 +96,8 @@ def test_wrong_kernel_shape_is_refused():
         involution(x, kernel, 7, 2)
     with pytest.raises(ValueError, match="G dividing 32"):
         involution(x, torch.randn(2, 3, 49, 8, 8), 7, 1)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        involution(x, torch.randn(2, 2, 16, 8, 8), 4, 1)
 
 
 @pytest.mark.parametrize("stride,size", [(1, 8), (2, 8), (2, 7)])
@@ -134,6 +136,13 @@ def test_the_operator_picks_the_fused_kernels_on_the_cpu_and_the_portable_ones_t
     assert involution(x128, wide, 7, 1).grad_fn.name() == "_InvolutionBackward"  # 128 channels per kernel
     traced = torch.jit.trace(lambda a, k: involution(a, k, 7, 1), (x.detach(), kernel))
     assert "_Involution" in str(traced.graph)
+
+
+@pytest.mark.skipif(involution_fused.load() is None, reason="the fused CPU involution could not be built here")
+def test_the_fused_kernels_take_up_to_64_channels_per_kernel():
+    kernel = torch.zeros(1, 1, 9, 4, 4)
+    assert fused_applies(torch.zeros(1, 64, 4, 4), kernel, 1)
+    assert not fused_applies(torch.zeros(1, 65, 4, 4), kernel, 1)
 
 
 def test_without_a_build_the_portable_operator_serves(tmp_path):
