@@ -99,7 +99,7 @@ class TeacherOutputs:
     def complete(self) -> bool:
         return (self.path / "complete.json").is_file()
 
-    def write_chunk(self, chunk: int, outputs: torch.Tensor, seconds: float = 0.0) -> None:
+    def write_chunk(self, chunk: int, outputs: torch.Tensor, seconds: float) -> None:
         """Store chunk ``chunk``'s logits, (images, views, classes) in fp32, then mark it done with the
         seconds it took to compute."""
         start = chunk * CHUNK

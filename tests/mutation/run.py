@@ -16,6 +16,7 @@ apart. Survivors not listed there are written to ``.mutation/<group>.survivors``
 """
 from __future__ import annotations
 
+import functools
 import shlex
 import sqlite3
 import subprocess
@@ -60,8 +61,13 @@ def equivalents() -> set[tuple[str, str, str]]:
     return {entry[:3] for entry in equivalent_entries()}
 
 
+@functools.cache
+def module_lines(module: str) -> list[str]:
+    return (ROOT / module).read_text().splitlines()
+
+
 def source_line(module: str, row: int) -> str:
-    return (ROOT / module).read_text().splitlines()[row - 1].strip()
+    return module_lines(module)[row - 1].strip()
 
 
 def forget_survivors(session: Path) -> None:
