@@ -67,8 +67,9 @@ def test_presets_are_deit_ti_and_s(preset, dim, heads):
 
 @torch.no_grad()
 def test_the_class_token_starts_as_each_kind_of_reference_started_it():
-    """Learned tokens: today's timm (std 1e-6); stem tokens: the released code's timm (std 0.02), and the
-    stems' convolution biases (the involution's kernel generation) at zero, as mmcv started them."""
+    """Learned tokens: today's timm (std 1e-6); stem tokens: the released code's timm (std 0.02), the stems'
+    convolutions Kaiming normal (std sqrt(2 / fan_in); PyTorch's default has 1 / sqrt(3 fan_in)) and their
+    biases (the involution's kernel generation) at zero, as mmcv started them."""
     assert small_vit("learned").cls_token.std() < 1e-5
     stem = small_vit("stem")
     assert 0.015 < stem.cls_token.std() < 0.025
@@ -77,6 +78,8 @@ def test_the_class_token_starts_as_each_kind_of_reference_started_it():
                    if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
     assert stem_biases and all(not b.any() for b in stem_biases)
     assert any(b.any() for b in biases)  # the projections keep PyTorch's initial bias
+    projection = stem.stems["conv"].proj.weight
+    assert projection.std() == pytest.approx((2 / projection[0].numel()) ** 0.5, rel=0.05)
 
 
 def test_only_a_released_civt_checkpoint_is_converted():
