@@ -3,11 +3,16 @@ randomness depends on (seed, epoch, sample) only, and optimizer groups follow De
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
+from kdkit._errors import RunInterrupted
 
 
 def first_batch(trainer):
@@ -237,3 +242,67 @@ def test_a_teacher_never_leaves_eval_mode(write_recipe):
     assert not any(m.training for m in teacher.modules())
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in stats.items())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_each_term_is_its_loss_times_its_weight(write_recipe):
+    """With weights other than 1: a weight added rather than multiplied would leave the gradient unchanged."""
+    recipe = TWO_TEACHER_RECIPE.replace('head = "conv"\n', 'head = "conv"\nweight = 0.25\n')
+    trainer = make_trainer(write_recipe(recipe.replace('head = "inv"\n', 'head = "inv"\nweight = 3.0\n')))
+    images, labels = first_batch(trainer)
+    target = torch.nn.functional.one_hot(labels, 4).float()
+    teachers = trainer.teacher_logits(images)
+    loss, values = trainer.losses(images, target, labels, teachers)
+    logits = trainer.forward(images)
+    for term, weight in zip(trainer.parts.terms, (1.0, 0.25, 3.0)):
+        plain = term.fn(logits[term.head], target=target, labels=labels,
+                        teacher_logits=[teachers[t] for t in term.teachers])
+        torch.testing.assert_close(values[term.name], weight * plain)
+    torch.testing.assert_close(loss, sum(values.values()))
+
+
+def test_a_run_of_zero_epochs_evaluates_the_student_as_it_came(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=0"])
+    before = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    trainer.fit()
+    assert trainer.summary["status"] == "completed" and not trainer.state.history
+    assert trainer.summary["top1"] == trainer.evaluate()
+    assert all(torch.equal(v, trainer.state.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_time_counters_hold_only_their_own_work(write_recipe):
+    """An epoch's training seconds lie within the time its batches took, a fresh run's within its ``fit``."""
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    trainer = make_trainer(recipe, ["train.epochs=1"])
+    start = time.perf_counter()
+    trainer.train_epoch(0)
+    assert 0 < trainer.state.train_s <= time.perf_counter() - start
+    trainer = make_trainer(recipe, ["train.epochs=1"])
+    start = time.perf_counter()
+    trainer.fit()
+    assert 0 < trainer.summary["wall_s"] <= round(time.perf_counter() - start, 2) + 0.01  # wall_s is rounded
+
+
+def test_a_signal_stops_the_run_after_its_step_naming_the_signal(write_recipe, monkeypatch):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *args: (step(*args), os.kill(os.getpid(), signal.SIGINT))[0])
+    with pytest.raises(RunInterrupted, match=r"^SIGINT: stopped at epoch 1, step 1 of 4;") as stopped:
+        trainer.fit()
+    assert stopped.value.signum == signal.SIGINT and trainer.summary["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
+@pytest.mark.parametrize("trained_heads, unused_expected", [(3, False), (2, True)])
+def test_data_parallel_wraps_the_student_and_heads_expecting_untrained_heads(trained_heads, unused_expected,
+                                                                             write_recipe, tmp_path):
+    """On the CPU without device ids; DDP is told to expect unused parameters only when a head has no loss."""
+    recipe = TWO_TEACHER_RECIPE if trained_heads == 3 else TWO_TEACHER_RECIPE.replace(
+        'head = "inv"\nteachers = ["other"]', 'head = "conv"\nteachers = ["other"]')
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trainer = make_trainer(write_recipe(recipe))
+        wrapped = trainer.data_parallel(trainer.state.model)
+    finally:
+        dist.destroy_process_group()
+    assert wrapped.module is trainer.state.model and wrapped.device_ids is None
+    assert wrapped.find_unused_parameters is unused_expected
