@@ -8,7 +8,8 @@ Each group of ``[tool.kdkit.mutation]`` in pyproject.toml names modules and the 
 cosmic-ray mutates one place at a time (an operator, a number, a condition...) **in the files of this
 checkout**, runs the tests, and restores the file: run it in a clone you are not editing. A mutant
 the tests let pass *survives*. The session of each group lives in ``.mutation/<group>.sqlite``, so an
-interrupted run continues where it stopped and a second run only reports.
+interrupted run continues where it stopped and a second run only reports; a session whose modules
+were edited since is started over.
 
 The score counts, per group and overall, killed / (killed + survived) mutants; a survivor listed in
 ``tests/mutation/equivalent.txt`` (a mutation that cannot change behaviour, with the reason) counts
@@ -82,20 +83,42 @@ def forget_survivors(session: Path) -> None:
     print(f"{session.stem}: {len(again)} survivors to run again", flush=True)
 
 
+def mutation_specs(session: Path) -> set[tuple]:
+    """Each mutant of a session by where it applies: cosmic-ray stores them by position and occurrence."""
+    db = sqlite3.connect(session)
+    specs = set(db.execute("select module_path, operator_name, occurrence, start_pos_row, start_pos_col "
+                           "from mutation_specs"))
+    db.close()
+    return specs
+
+
+def initialise(config: Path, draft: Path) -> None:
+    """A new session of every mutant the group's modules hold now (the excluded operators marked skipped)."""
+    draft.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(draft)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter", str(draft), str(config)],
+                   check=True, cwd=ROOT)
+
+
 def run_group(group: dict, settings: dict, recheck: bool = False) -> tuple[int, int, int, list[str]]:
-    """Run (or continue) one group's session; (killed, survived, equivalent, unexplained survivors)."""
+    """Run (or continue) one group's session; (killed, survived, equivalent, unexplained survivors).
+
+    A session whose modules changed since it began is started over: cosmic-ray applies a mutant by its
+    occurrence in the file, so after an edit its stored results would describe other places."""
     WORK.mkdir(exist_ok=True)
     config, session = WORK / f"{group['name']}.toml", WORK / f"{group['name']}.sqlite"
     config.write_text(config_text(group, settings))
-    if not session.is_file():  # initialised under another name first, so that an interrupted init is redone
-        draft = session.with_suffix(".draft")
-        draft.unlink(missing_ok=True)
-        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(draft)], check=True, cwd=ROOT)
-        subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter", str(draft), str(config)],
-                       check=True, cwd=ROOT)
+    draft = session.with_suffix(".draft")  # initialised under another name, so that an interrupted init is redone
+    initialise(config, draft)
+    if session.is_file() and mutation_specs(session) != mutation_specs(draft):
+        print(f"{group['name']}: its modules changed since its session began: starting it over", flush=True)
+        session.unlink()
+    if session.is_file():
+        draft.unlink()
+        if recheck:
+            forget_survivors(session)
+    else:
         draft.rename(session)
-    elif recheck:
-        forget_survivors(session)
     subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], check=True, cwd=ROOT)
     rows = sqlite3.connect(session).execute(
         "select s.module_path, s.operator_name, s.start_pos_row, r.test_outcome, r.worker_outcome "
