@@ -205,14 +205,25 @@ def test_the_gpu_path_trains_in_bf16_with_channels_last_teachers_and_compiled_mo
     assert out.dtype == torch.float32
 
 
-def test_gradients_are_clipped_to_clip_grad(write_recipe):
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), [*SGD, "train.clip_grad=0.01", "train.lr=1.0",
+@pytest.mark.parametrize("clip_grad", [0.01, 0.0])
+def test_gradients_are_clipped_to_clip_grad(clip_grad, write_recipe):
+    """Plain SGD at lr 1: the update is the gradient, scaled to norm ``clip_grad``; 0 (the default) leaves it whole."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), [*SGD, f"train.clip_grad={clip_grad}", "train.lr=1.0",
                                                               "train.warmup_epochs=0", "train.min_lr=1.0"])
-    before = [p.detach().clone() for p in trainer.state.model.parameters()]
+    parameters = list(trainer.state.model.parameters())
+    before = [p.detach().clone() for p in parameters]
+    gradients = []
+    step = trainer.state.optimizer.step
+    trainer.state.optimizer.step = lambda: (gradients.extend(p.grad.clone() for p in parameters), step())[1]
     images, labels = first_batch(trainer)
     trainer.train_step(images, labels, epoch=0)
-    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.state.model.parameters(), before)])
-    assert step.norm().item() == pytest.approx(0.01, rel=1e-4)  # lr 1: the update is the clipped gradient
+    update = torch.cat([(b - p.detach()).flatten() for p, b in zip(parameters, before)])
+    gradient = torch.cat([g.flatten() for g in gradients])
+    torch.testing.assert_close(update, gradient, rtol=1e-4, atol=1e-7)
+    if clip_grad:
+        assert update.norm().item() == pytest.approx(clip_grad, rel=1e-4)
+    else:
+        assert update.norm() > 1  # the whole gradient (norm 2.4); clip_grad_norm_ to 0 would zero it
 
 
 def test_the_learning_rate_of_each_step_follows_warmup_then_cosine(write_recipe):

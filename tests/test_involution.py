@@ -92,6 +92,7 @@ def test_bf16_inputs_accumulate_in_fp32_and_stay_bf16(op):
 
 def test_wrong_kernel_shape_is_refused():
     x, kernel = random_case(2, 32, 16, (8, 8), 7, 1)
+    assert involution(x, kernel, 7).shape == x.shape  # stride 1 unless given
     with pytest.raises(ValueError, match="needs a kernel"):
         involution(x, kernel, 7, 2)
     with pytest.raises(ValueError, match="G dividing 32"):
@@ -102,8 +103,9 @@ def test_wrong_kernel_shape_is_refused():
 
 @pytest.mark.parametrize("stride,size", [(1, 8), (2, 8), (2, 7)])
 def test_module_generates_kernels_and_applies_them(stride, size):
+    """With RedNet's defaults: K = 7, 16 channels per kernel, reduction 4, stride 1 unless given."""
     torch.manual_seed(0)
-    layer = Involution2d(32, kernel_size=7, stride=stride).eval()
+    layer = (Involution2d(32) if stride == 1 else Involution2d(32, stride=stride)).eval()
     x = torch.randn(2, 32, size, size)
     out_size = (size - 1) // stride + 1
     kernel = layer.generate_kernel(x)
@@ -139,10 +141,11 @@ def test_the_operator_picks_the_fused_kernels_on_the_cpu_and_the_portable_ones_t
 
 
 @pytest.mark.skipif(involution_fused.load() is None, reason="the fused CPU involution could not be built here")
-def test_the_fused_kernels_take_up_to_64_channels_per_kernel():
+def test_the_fused_kernels_take_strides_1_and_2_and_up_to_64_channels_per_kernel():
     kernel = torch.zeros(1, 1, 9, 4, 4)
-    assert fused_applies(torch.zeros(1, 64, 4, 4), kernel, 1)
+    assert fused_applies(torch.zeros(1, 64, 4, 4), kernel, 1) and fused_applies(torch.zeros(1, 64, 4, 4), kernel, 2)
     assert not fused_applies(torch.zeros(1, 65, 4, 4), kernel, 1)
+    assert not fused_applies(torch.zeros(1, 64, 4, 4), kernel, 3)
 
 
 def test_without_a_build_the_portable_operator_serves(tmp_path):
