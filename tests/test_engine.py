@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
+from kdkit._distributed import Processes
+from kdkit._engine import StopOnSignal
 from kdkit._errors import RunInterrupted
 
 
@@ -281,16 +283,50 @@ def test_a_run_of_zero_epochs_evaluates_the_student_as_it_came(write_recipe):
 
 
 def test_the_time_counters_hold_only_their_own_work(write_recipe):
-    """An epoch's training seconds lie within the time its batches took, a fresh run's within its ``fit``."""
+    """An epoch's training seconds lie within the time its batches took, a fresh run's within its ``fit``,
+    and each epoch's speed is its 64 images over its training seconds."""
     recipe = write_recipe(TWO_TEACHER_RECIPE)
     trainer = make_trainer(recipe, ["train.epochs=1"])
     start = time.perf_counter()
     trainer.train_epoch(0)
     assert 0 < trainer.state.train_s <= time.perf_counter() - start
-    trainer = make_trainer(recipe, ["train.epochs=1"])
+    trainer = make_trainer(recipe)
     start = time.perf_counter()
     trainer.fit()
-    assert 0 < trainer.summary["wall_s"] <= round(time.perf_counter() - start, 2) + 0.01  # wall_s is rounded
+    elapsed = time.perf_counter() - start
+    assert 0 < trainer.summary["wall_s"] <= round(elapsed, 2) + 0.01  # wall_s is rounded
+    rows = trainer.state.history
+    assert sum(row["wall_s"] for row in rows) <= elapsed
+    assert [row["images_per_s"] * row["wall_s"] for row in rows] == pytest.approx([64, 64])
+
+
+def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = StopOnSignal()
+    stop.handle(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM and not exits  # the first one only asks
+    stop.handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
+
+
+def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
+    class TwoAlike(Processes):
+        """Two processes that logged the same values: their sum is twice each."""
+        def sum(self, tensor):
+            return 2 * tensor
+
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    trainer.processes = TwoAlike(world=2)
+    logged = trainer.logged(torch.tensor(3.0), {"ce/cls": torch.tensor(1.0), "kl/conv": torch.tensor(2.0)})
+    assert logged == {"loss": 3.0, "ce/cls": 1.0, "kl/conv": 2.0}
+
+
+def test_the_inference_speed_is_images_over_the_timed_seconds(write_recipe, monkeypatch):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    clock = iter([10.0, 13.0])  # the start and the end of the timed batches
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    assert trainer.inference_speed(warmup=1, repeats=2) == 2 * 32 / 3.0  # batch_size_eval 32 (at most 64)
 
 
 def test_a_signal_stops_the_run_after_its_step_naming_the_signal(write_recipe, monkeypatch):
