@@ -2,6 +2,7 @@
 randomness depends on (seed, epoch, sample) only, and optimizer groups follow DeiT."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 from kdkit._distributed import Processes
-from kdkit._engine import StopOnSignal
+from kdkit._engine import StopOnSignal, autocast
 from kdkit._errors import RunInterrupted
 
 
@@ -310,14 +311,19 @@ def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
     assert exits == [128 + signal.SIGINT]
 
 
-def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
-    class TwoAlike(Processes):
-        """Two processes that logged the same values: their sum is twice each."""
-        def sum(self, tensor):
-            return 2 * tensor
+class TwoAlike(Processes):
+    """Two processes that hold the same values: a sum over them is twice each (no process group needed)."""
 
+    def __init__(self):
+        super().__init__(world=2)
+
+    def sum(self, tensor):
+        return 2 * tensor
+
+
+def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
-    trainer.processes = TwoAlike(world=2)
+    trainer.processes = TwoAlike()
     logged = trainer.logged(torch.tensor(3.0), {"ce/cls": torch.tensor(1.0), "kl/conv": torch.tensor(2.0)})
     assert logged == {"loss": 3.0, "ce/cls": 1.0, "kl/conv": 2.0}
 
@@ -353,3 +359,47 @@ def test_data_parallel_wraps_the_student_and_heads_expecting_untrained_heads(tra
         dist.destroy_process_group()
     assert wrapped.module is trainer.state.model and wrapped.device_ids is None
     assert wrapped.find_unused_parameters is unused_expected
+
+
+@pytest.mark.parametrize("precision, bf16", [("auto", False), ("bf16", True), ("fp32", False)])
+def test_on_the_cpu_only_bf16_autocasts(precision, bf16):
+    context = autocast(torch.device("cpu"), precision)
+    assert context._enabled is bf16 and context.fast_dtype == torch.bfloat16
+
+
+def test_resume_restores_the_counters_and_the_learning_rate(write_recipe):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    trained, resumed = make_trainer(recipe), make_trainer(recipe)
+    images, labels = first_batch(trained)
+    for _ in range(3):
+        trained.train_step(images, labels, epoch=0)
+    resumed.resume(trained.checkpoint())
+    assert resumed.resumed and not trained.resumed  # plugins read it (e.g. to append to the run's files)
+    assert (resumed.state.step, resumed.lr) == (3, trained.lr) and resumed.lr != make_trainer(recipe).lr
+
+
+def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_batch_only(write_recipe):
+    """DDP's ``no_sync`` for every micro-batch but the last: the averaged gradient is then exchanged once."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.accum_steps=4"])
+    trainer.processes = TwoAlike()
+    synced = []
+
+    class Wrapped(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.syncing = model, True
+
+        def forward(self, images):
+            synced.append(self.syncing)
+            return self.model(images)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            yield
+            self.syncing = True
+
+    trainer.forward = Wrapped(trainer.state.model)
+    images, labels = first_batch(trainer)
+    trainer.train_step(images, labels, epoch=0)
+    assert synced == [False, False, False, True]

@@ -90,6 +90,16 @@ def test_bf16_inputs_accumulate_in_fp32_and_stay_bf16(op):
     torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
 
 
+@operators
+def test_second_derivatives_are_refused(op):
+    """The hand-written backward is not itself differentiable: asking for more fails rather than misleads."""
+    x, kernel = random_case(1, 16, 16, (6, 6), 3, 1)
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(op(x, kernel, 3, 1).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad.sum().backward()
+
+
 def test_wrong_kernel_shape_is_refused():
     x, kernel = random_case(2, 32, 16, (8, 8), 7, 1)
     assert involution(x, kernel, 7).shape == x.shape  # stride 1 unless given
@@ -97,6 +107,9 @@ def test_wrong_kernel_shape_is_refused():
         involution(x, kernel, 7, 2)
     with pytest.raises(ValueError, match="G dividing 32"):
         involution(x, torch.randn(2, 3, 49, 8, 8), 7, 1)
+    for wrong in (torch.randn(3, 2, 49, 8, 8), kernel[:, :, :25]):  # a batch too many, a 5x5 kernel for K = 7
+        with pytest.raises(ValueError, match="needs a kernel"):
+            involution(x, wrong, 7, 1)
     with pytest.raises(ValueError, match="odd kernel_size"):
         involution(x, torch.randn(2, 2, 16, 8, 8), 4, 1)
 
