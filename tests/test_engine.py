@@ -24,16 +24,20 @@ def first_batch(trainer):
 
 
 SGD = ["train.optimizer=momentum", "train.momentum=0.0", "train.weight_decay=0.0"]  # update = -lr * gradient
+UPDATE_IS_GRADIENT = [*SGD, "train.lr=1.0", "train.warmup_epochs=0", "train.min_lr=1.0"]  # lr 1 from the first step
 
 
 def test_accumulation_keeps_every_loss_term(write_recipe):
     """One update from 2 micro-batches equals one from the whole batch (no BatchNorm in this student).
 
-    Plain SGD, whose update scales with the gradient: dropping the 1 / accum_steps of each micro-batch's
-    loss doubles the step (Adam would not show it: its update ignores a constant scale).
+    Plain SGD at lr 1, whose update is the gradient: dropping the 1 / accum_steps of each micro-batch's
+    loss doubles the step (Adam would not show it: its update ignores a constant scale; nor would the
+    warmup's first learning rate, 1e-6, whose steps are too small to compare).
     """
     recipe = write_recipe(TWO_TEACHER_RECIPE)
-    whole, split = make_trainer(recipe, SGD), make_trainer(recipe, [*SGD, "train.accum_steps=2"])
+    whole = make_trainer(recipe, UPDATE_IS_GRADIENT)
+    split = make_trainer(recipe, [*UPDATE_IS_GRADIENT, "train.accum_steps=2"])
+    before = {k: v.clone() for k, v in whole.state.model.state_dict().items()}
     images, labels = first_batch(whole)
     logged_whole = whole.train_step(images, labels, epoch=0)
     logged_split = split.train_step(images, labels, epoch=0)
@@ -43,6 +47,7 @@ def test_accumulation_keeps_every_loss_term(write_recipe):
     assert logged_split["kl/conv"] > 0 and logged_split["kl/inv"] > 0
     for (name, a), b in zip(whole.state.model.state_dict().items(), split.state.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert sum((a - before[k]).norm() for k, a in whole.state.model.state_dict().items()) > 1  # steps to compare
 
 
 def test_teachers_see_exactly_the_students_batch(write_recipe):
@@ -211,8 +216,7 @@ def test_the_gpu_path_trains_in_bf16_with_channels_last_teachers_and_compiled_mo
 @pytest.mark.parametrize("clip_grad", [0.01, 0.0])
 def test_gradients_are_clipped_to_clip_grad(clip_grad, write_recipe):
     """Plain SGD at lr 1: the update is the gradient, scaled to norm ``clip_grad``; 0 (the default) leaves it whole."""
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), [*SGD, f"train.clip_grad={clip_grad}", "train.lr=1.0",
-                                                              "train.warmup_epochs=0", "train.min_lr=1.0"])
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), [*UPDATE_IS_GRADIENT, f"train.clip_grad={clip_grad}"])
     parameters = list(trainer.state.model.parameters())
     before = [p.detach().clone() for p in parameters]
     gradients = []
@@ -299,6 +303,48 @@ def test_the_time_counters_hold_only_their_own_work(write_recipe):
     rows = trainer.state.history
     assert sum(row["wall_s"] for row in rows) <= elapsed
     assert [row["images_per_s"] * row["wall_s"] for row in rows] == pytest.approx([64, 64])
+    assert trainer.summary["train_images_per_s"] == pytest.approx(sum(r["images_per_s"] for r in rows) / 2)
+
+
+def test_an_epochs_row_holds_the_means_of_its_steps_logged_values(write_recipe, monkeypatch):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=1"])
+    logged = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *args: logged.append(step(*args)) or logged[-1])
+    trainer.fit()
+    (row,) = trainer.state.history
+    assert len(logged) == 4 and row["train"] == pytest.approx({k: sum(s[k] for s in logged) / 4 for k in logged[0]})
+
+
+def test_the_best_epochs_student_is_kept_as_it_was(write_recipe, monkeypatch):
+    """With a held-out validation split the best epoch's weights are kept for the test split: a copy, not
+    the live weights. The first epoch is the best so far even at 0% top-1."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.val_split=0.25"])
+    evaluate = trainer.evaluate
+    scores = iter([0.0, 0.0])  # the second epoch is no better
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "eval": next(scores)})
+    for epoch in range(2):
+        trainer.train_epoch(epoch)
+        trainer.end_epoch(epoch)
+        if epoch == 0:
+            first = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    assert trainer.state.best_epoch == 1
+    assert all(torch.equal(trainer.state.best_model[k], v) for k, v in first.items())
+    assert not all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in first.items())
+
+
+def test_a_signal_to_any_process_stops_every_process(write_recipe):
+    class AnotherAsked(Processes):
+        def __init__(self):
+            super().__init__(world=2)
+
+        def sum(self, tensor):
+            return tensor + 1  # the other process was signalled, this one not
+
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    assert not trainer.stopping()
+    trainer.processes = AnotherAsked()
+    assert trainer.stopping()
 
 
 def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
