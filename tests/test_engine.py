@@ -233,20 +233,33 @@ def test_gradients_are_clipped_to_clip_grad(clip_grad, write_recipe):
         assert update.norm() > 1  # the whole gradient (norm 2.4); clip_grad_norm_ to 0 would zero it
 
 
-def test_the_learning_rate_of_each_step_follows_warmup_then_cosine(write_recipe):
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=2", "train.warmup_epochs=1",
-                                                              "train.warmup_lr=1e-6", "train.min_lr=1e-5"])
+def learning_rates(trainer, epochs: int) -> list[float]:
+    """The learning rate of every optimizer step of ``epochs`` epochs."""
     used = []
     step = trainer.state.optimizer.step
     trainer.state.optimizer.step = lambda: (used.append(trainer.lr), step())[1]
-    for epoch in range(2):
+    for epoch in range(epochs):
         trainer.train_epoch(epoch)
         trainer.state.batch = 0
+    return used
+
+
+def test_the_learning_rate_of_each_step_follows_warmup_then_cosine(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=2", "train.warmup_epochs=1",
+                                                              "train.warmup_lr=1e-6", "train.min_lr=1e-5"])
     n = trainer.steps_per_epoch
     warmup = [1e-6 + (1e-3 - 1e-6) * s / n for s in range(n)]  # timm: linear from warmup_lr, per step
     # then the cosine over the whole run (DeiT's timm schedule: the warmup replaces its start)
     cosine = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * s / (2 * n))) for s in range(n, 2 * n)]
-    assert used == pytest.approx(warmup + cosine, rel=1e-6)
+    assert learning_rates(trainer, 2) == pytest.approx(warmup + cosine, rel=1e-6)
+
+
+def test_a_one_epoch_run_has_its_whole_cosine_in_that_epoch(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=1", "train.warmup_epochs=0",
+                                                              "train.min_lr=1e-5"])
+    n = trainer.steps_per_epoch
+    cosine = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * s / n)) for s in range(n)]
+    assert learning_rates(trainer, 1) == pytest.approx(cosine, rel=1e-6)
 
 
 def test_a_teacher_never_leaves_eval_mode(write_recipe):

@@ -65,6 +65,17 @@ def test_cached_logits_are_the_live_teachers_within_fp16(write_recipe):
         torch.testing.assert_close(cached[name], live[name].half().float(), rtol=0, atol=0)  # fp16 storage only
 
 
+def test_training_from_a_cache_never_runs_the_teachers(write_recipe, monkeypatch):
+    trainer = make_trainer(write_recipe(CACHED))
+    calls = []
+    for teacher in trainer.parts.teachers.values():
+        teacher.model.register_forward_hook(lambda *args: calls.append("teacher"))
+    read = trainer.cached_teacher_logits
+    monkeypatch.setattr(trainer, "cached_teacher_logits", lambda *args: calls.append("cache") or read(*args))
+    trainer.train_epoch(0)
+    assert calls == ["cache"] * trainer.steps_per_epoch
+
+
 def test_views_walk_through_every_view_before_repeating(write_recipe):
     from kdkit._data import view_of
 
