@@ -214,6 +214,8 @@ def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.Au
     for key, value in positive.items():
         if value <= 0:
             raise recipe.error(key, f"must be positive, got {value}")
+    if train.clip_grad < 0:
+        raise recipe.error("train.clip_grad", f"must be 0 (no clipping) or a positive norm, got {train.clip_grad}")
     if train.batch_size % train.accum_steps:
         raise recipe.error("train.accum_steps", f"must divide train.batch_size ({train.batch_size}) "
                            f"into equal micro-batches, got {train.accum_steps}")

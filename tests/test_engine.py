@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 from kdkit._distributed import Processes
-from kdkit._engine import StopOnSignal, autocast
+from kdkit._engine import DROP_PATH_STREAM, StopOnSignal, autocast
 from kdkit._errors import RunInterrupted
 
 
@@ -331,19 +331,21 @@ def test_an_epochs_row_holds_the_means_of_its_steps_logged_values(write_recipe, 
 
 def test_the_best_epochs_student_is_kept_as_it_was(write_recipe, monkeypatch):
     """With a held-out validation split the best epoch's weights are kept for the test split: a copy, not
-    the live weights. The first epoch is the best so far even at 0% top-1."""
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.val_split=0.25"])
+    the live weights. The first epoch is the best so far even at 0% top-1; a worse one is not."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.val_split=0.25", "train.epochs=3"])
     evaluate = trainer.evaluate
-    scores = iter([0.0, 0.0])  # the second epoch is no better
+    scores = iter([0.0, 50.0, 25.0])
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "eval": next(scores)})
-    for epoch in range(2):
+    best = []
+    for epoch in range(3):
         trainer.train_epoch(epoch)
         trainer.end_epoch(epoch)
-        if epoch == 0:
-            first = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
-    assert trainer.state.best_epoch == 1
-    assert all(torch.equal(trainer.state.best_model[k], v) for k, v in first.items())
-    assert not all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in first.items())
+        best.append(trainer.state.best_epoch)
+        if epoch == 1:
+            second = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    assert best == [1, 2, 2]
+    assert all(torch.equal(trainer.state.best_model[k], v) for k, v in second.items())
+    assert not all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in second.items())
 
 
 def test_a_signal_to_any_process_stops_every_process(write_recipe):
@@ -373,8 +375,8 @@ def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
 class TwoAlike(Processes):
     """Two processes that hold the same values: a sum over them is twice each (no process group needed)."""
 
-    def __init__(self):
-        super().__init__(world=2)
+    def __init__(self, rank: int = 0):
+        super().__init__(rank=rank, world=2)
 
     def sum(self, tensor):
         return 2 * tensor
@@ -391,7 +393,10 @@ def test_the_inference_speed_is_images_over_the_timed_seconds(write_recipe, monk
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
     clock = iter([10.0, 13.0])  # the start and the end of the timed batches
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    predict, batches = trainer.state.model.predict, []
+    monkeypatch.setattr(trainer.state.model, "predict", lambda images: batches.append(len(images)) or predict(images))
     assert trainer.inference_speed(warmup=1, repeats=2) == 2 * 32 / 3.0  # batch_size_eval 32 (at most 64)
+    assert batches == [32, 32, 32]  # one warm-up batch, two timed
 
 
 def test_a_signal_stops_the_run_after_its_step_naming_the_signal(write_recipe, monkeypatch):
@@ -462,3 +467,15 @@ def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_
     images, labels = first_batch(trainer)
     trainer.train_step(images, labels, epoch=0)
     assert synced == [False, False, False, True]
+
+
+@pytest.mark.parametrize("processes, rank", [(Processes(), None), (TwoAlike(rank=1), 1)])
+def test_each_process_draws_its_own_drop_path_masks(processes, rank, write_recipe, monkeypatch):
+    """The step's seed names the process's rank when there are several (one process: no rank)."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    trainer.processes = processes
+    keys = []
+    monkeypatch.setattr("kdkit._engine.sample_seed", lambda *key: keys.append(key) or 0)
+    images, labels = first_batch(trainer)
+    trainer.train_step(images, labels, epoch=0)
+    assert keys == [(0, 0, 0, DROP_PATH_STREAM) + ((rank,) if rank is not None else ())]

@@ -108,7 +108,7 @@ def test_wrong_kernel_shape_is_refused():
         involution(x, kernel, 7, 2)
     with pytest.raises(ValueError, match="G dividing 32"):
         involution(x, torch.randn(2, 3, 49, 8, 8), 7, 1)
-    for wrong in (torch.randn(3, 2, 49, 8, 8), kernel[:, :, :25]):  # a batch too many, a 5x5 kernel for K = 7
+    for wrong in (torch.randn(3, 2, 49, 8, 8), kernel[:1], kernel[:, :, :25]):  # batches of 3 and 1, 5x5 for K = 7
         with pytest.raises(ValueError, match="needs a kernel"):
             involution(x, wrong, 7, 1)
     with pytest.raises(ValueError, match="odd kernel_size"):
