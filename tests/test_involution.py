@@ -185,6 +185,7 @@ def test_module_refuses_what_it_cannot_build(kwargs):
     with pytest.raises(ValueError, match="Involution2d needs"):
         Involution2d(**kwargs)
     Involution2d(**{**kwargs, "channels": 32, "kernel_size": 3, "group_channels": 16})  # the same, made valid
+    Involution2d(channels=4, group_channels=4, reduction_ratio=4)  # the limit: a one-channel bottleneck
 
 
 TRITON_CHECK = """
