@@ -156,10 +156,10 @@ def test_the_operator_picks_the_fused_kernels_on_the_cpu_and_the_portable_ones_t
 
 @pytest.mark.skipif(involution_fused.load() is None, reason="the fused CPU involution could not be built here")
 def test_the_fused_kernels_take_strides_1_and_2_and_up_to_64_channels_per_kernel():
-    kernel = torch.zeros(1, 1, 9, 4, 4)
-    assert fused_applies(torch.zeros(1, 64, 4, 4), kernel, 1) and fused_applies(torch.zeros(1, 64, 4, 4), kernel, 2)
-    assert not fused_applies(torch.zeros(1, 65, 4, 4), kernel, 1)
-    assert not fused_applies(torch.zeros(1, 64, 4, 4), kernel, 3)
+    kernel = torch.zeros(2, 1, 9, 4, 4)  # batch 2, one kernel per pixel for all channels
+    assert fused_applies(torch.zeros(2, 64, 4, 4), kernel, 1) and fused_applies(torch.zeros(2, 64, 4, 4), kernel, 2)
+    assert not fused_applies(torch.zeros(2, 65, 4, 4), kernel, 1)
+    assert not fused_applies(torch.zeros(2, 64, 4, 4), kernel, 3)
 
 
 def test_without_a_build_the_portable_operator_serves(tmp_path):
