@@ -309,12 +309,22 @@ def test_the_time_counters_hold_only_their_own_work(write_recipe):
     trainer.train_epoch(0)
     assert 0 < trainer.state.train_s <= time.perf_counter() - start
     trainer = make_trainer(recipe)
+    step, step_s = trainer.train_step, [0.0, 0.0]  # per epoch, the time spent inside its steps
+
+    def timed_step(images, labels, epoch, views=None):
+        began = time.perf_counter()
+        logged = step(images, labels, epoch, views)
+        step_s[epoch] += time.perf_counter() - began
+        return logged
+
+    trainer.train_step = timed_step
     start = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - start
     assert 0 < trainer.summary["wall_s"] <= round(elapsed, 2) + 0.01  # wall_s is rounded
     rows = trainer.state.history
     assert sum(row["wall_s"] for row in rows) <= elapsed
+    assert all(within <= row["wall_s"] for within, row in zip(step_s, rows))
     assert [row["images_per_s"] * row["wall_s"] for row in rows] == pytest.approx([64, 64])
     assert trainer.summary["train_images_per_s"] == pytest.approx(sum(r["images_per_s"] for r in rows) / 2)
 
@@ -390,13 +400,13 @@ def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
 
 
 def test_the_inference_speed_is_images_over_the_timed_seconds(write_recipe, monkeypatch):
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.batch_size_eval=100"])
     clock = iter([10.0, 13.0])  # the start and the end of the timed batches
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     predict, batches = trainer.state.model.predict, []
     monkeypatch.setattr(trainer.state.model, "predict", lambda images: batches.append(len(images)) or predict(images))
-    assert trainer.inference_speed(warmup=1, repeats=2) == 2 * 32 / 3.0  # batch_size_eval 32 (at most 64)
-    assert batches == [32, 32, 32]  # one warm-up batch, two timed
+    assert trainer.inference_speed(warmup=1, repeats=2) == 2 * 64 / 3.0  # batch_size_eval, at most 64
+    assert batches == [64, 64, 64]  # one warm-up batch, two timed
 
 
 def test_a_signal_stops_the_run_after_its_step_naming_the_signal(write_recipe, monkeypatch):
