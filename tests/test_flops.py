@@ -58,6 +58,12 @@ def test_civt_ti_counts_attention(rules):
     assert count.total == pytest.approx(expected, rel=0.01) and count.unsupported == {}
 
 
+def test_an_involution_layer_counts_exactly_per_image_of_a_batch(rules):
+    from kdkit_plugins.involution import Involution2d
+    layer = Involution2d(32, kernel_size=3)
+    assert count_flops(layer, torch.zeros(2, 32, 8, 8), rules).total == 2 * involution_count(32, 3, 8)
+
+
 def test_rednet26_counts_the_involution_aggregation(rules):
     model = kdkit.build_model("teacher", plugin="rednet", depth=26, num_classes=1000)
     count = count_flops(model, torch.zeros(1, 3, 224, 224), rules)
