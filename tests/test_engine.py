@@ -27,6 +27,18 @@ SGD = ["train.optimizer=momentum", "train.momentum=0.0", "train.weight_decay=0.0
 UPDATE_IS_GRADIENT = [*SGD, "train.lr=1.0", "train.warmup_epochs=0", "train.min_lr=1.0"]  # lr 1 from the first step
 
 
+class TwoProcesses(Processes):
+    """This process and one other, without a process group: a sum adds what the other one holds
+    (by default the same values as this one)."""
+
+    def __init__(self, rank: int = 0, other: float | None = None):
+        super().__init__(rank=rank, world=2)
+        self.other = other
+
+    def sum(self, tensor):
+        return tensor + (tensor if self.other is None else self.other)
+
+
 def test_accumulation_keeps_every_loss_term(write_recipe):
     """One update from 2 micro-batches equals one from the whole batch (no BatchNorm in this student).
 
@@ -359,16 +371,9 @@ def test_the_best_epochs_student_is_kept_as_it_was(write_recipe, monkeypatch):
 
 
 def test_a_signal_to_any_process_stops_every_process(write_recipe):
-    class AnotherAsked(Processes):
-        def __init__(self):
-            super().__init__(world=2)
-
-        def sum(self, tensor):
-            return tensor + 1  # the other process was signalled, this one not
-
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
     assert not trainer.stopping()
-    trainer.processes = AnotherAsked()
+    trainer.processes = TwoProcesses(other=1.0)  # the other process was signalled, this one not
     assert trainer.stopping()
 
 
@@ -382,19 +387,9 @@ def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
     assert exits == [128 + signal.SIGINT]
 
 
-class TwoAlike(Processes):
-    """Two processes that hold the same values: a sum over them is twice each (no process group needed)."""
-
-    def __init__(self, rank: int = 0):
-        super().__init__(rank=rank, world=2)
-
-    def sum(self, tensor):
-        return 2 * tensor
-
-
 def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
-    trainer.processes = TwoAlike()
+    trainer.processes = TwoProcesses()
     logged = trainer.logged(torch.tensor(3.0), {"ce/cls": torch.tensor(1.0), "kl/conv": torch.tensor(2.0)})
     assert logged == {"loss": 3.0, "ce/cls": 1.0, "kl/conv": 2.0}
 
@@ -455,7 +450,7 @@ def test_resume_restores_the_counters_and_the_learning_rate(write_recipe):
 def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_batch_only(write_recipe):
     """DDP's ``no_sync`` for every micro-batch but the last: the averaged gradient is then exchanged once."""
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.accum_steps=4"])
-    trainer.processes = TwoAlike()
+    trainer.processes = TwoProcesses()
     synced = []
 
     class Wrapped(torch.nn.Module):  # stands in for DistributedDataParallel
@@ -479,7 +474,7 @@ def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_
     assert synced == [False, False, False, True]
 
 
-@pytest.mark.parametrize("processes, rank", [(Processes(), None), (TwoAlike(rank=1), 1)])
+@pytest.mark.parametrize("processes, rank", [(Processes(), None), (TwoProcesses(rank=1), 1)])
 def test_each_process_draws_its_own_drop_path_masks(processes, rank, write_recipe, monkeypatch):
     """The step's seed names the process's rank when there are several (one process: no rank)."""
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
