@@ -91,8 +91,9 @@ def targets_of(dataset: Dataset) -> np.ndarray:
 
 
 def stratified_indices(targets: np.ndarray, count: int, seed: int = DATA_SEED) -> np.ndarray:
-    """``count`` indices, each class represented in proportion to its share (largest remainder)."""
-    if count <= 0 or count >= len(targets):
+    """``count`` indices (every index when ``count`` reaches the size), each class represented in proportion
+    to its share (largest remainder)."""
+    if count >= len(targets):
         return np.arange(len(targets))
     rng = np.random.default_rng(seed)
     classes, sizes = np.unique(targets, return_counts=True)
@@ -123,7 +124,7 @@ def split_datasets(splits: DatasetSplits, cfg: DataConfig) -> tuple[Dataset, Dat
 
 def sample_seed(*key: int) -> int:
     """A 63-bit seed that is a pure function of the key (seed, epoch, index, copy, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64).item()) >> 1
 
 
 @contextlib.contextmanager
@@ -214,8 +215,8 @@ class EpochSampler(Sampler):
     a run resumed in the middle of an epoch sees exactly the samples it had not trained on yet.
     """
 
-    def __init__(self, size: int, seed: int, repeats: int = 1, batch_size: int = 1, rank: int = 0, world: int = 1):
-        self.size, self.seed, self.repeats, self.epoch, self.skip = size, seed, max(1, repeats), 0, 0
+    def __init__(self, size: int, seed: int, repeats: int, batch_size: int, rank: int, world: int):
+        self.size, self.seed, self.repeats, self.epoch, self.skip = size, seed, repeats, 0, 0
         self.batch_size, self.rank, self.share = batch_size, rank, batch_size // world
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -254,7 +255,7 @@ def build_loaders(train: Dataset, val: Dataset, test: Dataset | None, cfg: DataC
     sampler = EpochSampler(len(train), seed, repeats, batch_size, rank, world)
     items = ViewDataset(train, seed, views, repeats) if views else SeededDataset(train, seed)
     common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                  worker_init_fn=_ignore_sigint if cfg.workers > 0 else None,
+                  worker_init_fn=_ignore_sigint,
                   pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(items, batch_size=batch_size // world, sampler=sampler, drop_last=True, **common)
 

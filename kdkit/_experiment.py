@@ -227,6 +227,9 @@ def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.Au
                            f"{did_you_mean(train.optimizer, list_optimizers())} (any timm optimizer name)")
     if not 0 <= data.val_split < 1:
         raise recipe.error("data.val_split", "must be a fraction of the training set in [0, 1)")
+    for key, value in {"data.limit_train": data.limit_train, "data.limit_val": data.limit_val}.items():
+        if value < 0:
+            raise recipe.error(key, f"must be 0 (every image) or a number of images, got {value}")
     if augment.repeated_aug < 1:
         raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
 

@@ -14,6 +14,7 @@ CASES = [
     (['train.epochs="ten"'], "train.epochs: expected int, got str 'ten'"),
     (["train.epochs=-1"], "train.epochs: must be 0 (evaluate without training) or more, got -1"),
     (["train.batch_size=0"], "train.batch_size: must be positive, got 0"),
+    (["data.limit_train=-5"], "data.limit_train: must be 0 (every image) or a number of images, got -5"),
     (["train.clip_grad=-1.0"], "train.clip_grad: must be 0 (no clipping) or a positive norm, got -1.0"),
     (["train.precision=fp16"], "train.precision: expected 'auto' | 'fp32' | 'bf16', got str 'fp16'"),
     (["train.optimizer=adamww"], "train.optimizer: unknown optimizer 'adamww' (did you mean: adamw"),

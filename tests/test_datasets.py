@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import gzip
 import os
+import random
 import re
 import struct
 import tarfile
@@ -179,6 +180,24 @@ def test_val_split_swaps_in_the_eval_transform():
     assert {fit[i][0] for i in range(16)} == {"train"} and {held[i][0] for i in range(4)} == {"eval"}
     assert held.dataset.images is train.images  # a shallow copy: pixels are shared
     assert sorted(held[i][1] for i in range(4)) == [0, 0, 1, 1]
+    fit, held = split_datasets(splits, DataConfig(val_split=0.01))  # 0.2 of an image rounds to none
+    assert (len(fit), len(held)) == (19, 1)  # a validation split holds at least one image
+
+
+def test_seeded_seeds_every_generator_with_the_seed_and_restores_them():
+    """Python's, NumPy's (modulo 2**32, its range) and torch's generators, as if each were seeded alone."""
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    for seed in (12345, 2**40 + 7):
+        random.seed(1), np.random.seed(1), torch.manual_seed(1)
+        with seeded(seed):
+            inside = draw()
+        after = draw()
+        assert inside == (random.Random(seed).random(), np.random.RandomState(seed % 2**32).rand(),
+                          torch.rand(1, generator=torch.Generator().manual_seed(seed)).item())
+        random.seed(1), np.random.seed(1), torch.manual_seed(1)
+        assert after == draw()  # as if the block had not run
 
 
 # --- fashion_mnist ---------------------------------------------------------------------------------

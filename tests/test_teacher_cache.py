@@ -99,12 +99,14 @@ class LinearProbabilities(nn.Module):
         return scores.log()
 
 
-@pytest.mark.parametrize("mixing", ["augment.cutmix=0.0", "augment.mixup=0.0"], ids=["mixup", "cutmix"])
+@pytest.mark.parametrize("mixing", [["augment.cutmix=0.0"], ["augment.mixup=0.0"], NO_MIXING],
+                         ids=["mixup", "cutmix", "none"])
 def test_cached_outputs_are_mixed_as_the_images_are(write_recipe, mixing):
     """With a teacher linear in probability the cached mixture must equal the live teacher on the mixed image
-    (within fp16 storage): right coefficient, right partner, for mixup and cutmix's pasted area."""
+    (within fp16 storage): right coefficient, right partner, for mixup and cutmix's pasted area, and each
+    image's own output when nothing is mixed."""
     recipe = write_recipe(CACHED)
-    trainer = make_trainer(recipe, [mixing])
+    trainer = make_trainer(recipe, mixing)
     splits = trainer.parts.splits
     for name in trainer.parts.teachers:
         trainer.parts.teachers[name] = Teacher(LinearProbabilities(), mean=splits.mean, std=splits.std)
@@ -119,7 +121,7 @@ def test_cached_outputs_are_mixed_as_the_images_are(write_recipe, mixing):
         live = trainer.teacher_logits(mixed)
         for name in live:
             torch.testing.assert_close(cached[name].softmax(-1), live[name].softmax(-1), rtol=0, atol=1e-3)
-    assert mixed_some
+    assert mixed_some == (mixing != NO_MIXING)
 
 
 def test_an_interrupted_build_resumes_to_the_same_cache(write_recipe, monkeypatch, cache_dir, tmp_path):
