@@ -230,6 +230,10 @@ def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.Au
     for key, value in {"data.limit_train": data.limit_train, "data.limit_val": data.limit_val}.items():
         if value < 0:
             raise recipe.error(key, f"must be 0 (every image) or a number of images, got {value}")
+    if data.workers < 0:
+        raise recipe.error("data.workers", f"must be 0 (load in the training process) or more, got {data.workers}")
+    if data.batch_size_eval <= 0:
+        raise recipe.error("data.batch_size_eval", f"must be positive, got {data.batch_size_eval}")
     if augment.repeated_aug < 1:
         raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
 

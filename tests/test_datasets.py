@@ -18,7 +18,7 @@ from PIL import Image
 
 import kdkit_plugins.datasets as datasets
 from kdkit._config import AugmentConfig, DataConfig
-from kdkit._data import seeded, split_datasets
+from kdkit._data import build_loaders, seeded, split_datasets
 from kdkit._errors import KdkitError, RecipeError
 from kdkit._plugins import default_plugins
 from kdkit._schema import check_table
@@ -182,6 +182,20 @@ def test_val_split_swaps_in_the_eval_transform():
     assert sorted(held[i][1] for i in range(4)) == [0, 0, 1, 1]
     fit, held = split_datasets(splits, DataConfig(val_split=0.01))  # 0.2 of an image rounds to none
     assert (len(fit), len(held)) == (19, 1)  # a validation split holds at least one image
+
+
+def test_loaders_hold_whole_batches_and_each_process_evaluates_its_share():
+    """A fresh loader counts only full training batches (the schedule is built from that count before any
+    epoch starts), and process ``rank`` of ``world`` evaluates every ``world``-th validation and test image."""
+    splits = datasets.fake(**CONTEXT, train_size=63, val_size=10)
+    cfg = DataConfig(workers=0, batch_size_eval=4)
+    shards = [build_loaders(splits.train, splits.val, splits.val, cfg, batch_size=16, seed=0, rank=rank, world=2)
+              for rank in (0, 1)]
+    assert [len(loaders.train) for loaders in shards] == [3, 3]  # 63 images: three batches of 16 (8 each)
+    for rank, loaders in enumerate(shards):
+        share = torch.stack([splits.val[i][0] for i in range(rank, 10, 2)])
+        for split in (loaders.val, loaders.test):
+            assert torch.equal(torch.cat([images for images, _ in split]), share)
 
 
 def test_seeded_seeds_every_generator_with_the_seed_and_restores_them():
