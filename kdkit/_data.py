@@ -248,7 +248,7 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 def build_loaders(train: Dataset, val: Dataset, test: Dataset | None, cfg: DataConfig, *, batch_size: int, seed: int,
-                  repeats: int = 1, views: int = 0, rank: int = 0, world: int = 1) -> Loaders:
+                  repeats: int, views: int, rank: int, world: int) -> Loaders:
     """Batches of whole global batches' shares (``batch_size`` is global), so mixup always sees an even,
     full batch. With ``views`` (a teacher-output cache) they are replayed views and carry each sample's
     (index, view). With several processes each evaluates every ``world``-th validation and test image."""
@@ -257,7 +257,7 @@ def build_loaders(train: Dataset, val: Dataset, test: Dataset | None, cfg: DataC
     common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                   worker_init_fn=_ignore_sigint,
                   pin_memory=torch.cuda.is_available())
-    train_loader = DataLoader(items, batch_size=batch_size // world, sampler=sampler, drop_last=True, **common)
+    train_loader = DataLoader(items, batch_size=batch_size // world, sampler=sampler, **common)  # whole batches only
 
     def shard(split):
         return split if world == 1 else Subset(split, range(rank, len(split), world))

@@ -18,7 +18,7 @@ from PIL import Image
 
 import kdkit_plugins.datasets as datasets
 from kdkit._config import AugmentConfig, DataConfig
-from kdkit._data import build_loaders, seeded, split_datasets
+from kdkit._data import build_loaders, seeded, split_datasets, stratified_indices
 from kdkit._errors import KdkitError, RecipeError
 from kdkit._plugins import default_plugins
 from kdkit._schema import check_table
@@ -184,12 +184,21 @@ def test_val_split_swaps_in_the_eval_transform():
     assert (len(fit), len(held)) == (19, 1)  # a validation split holds at least one image
 
 
+def test_stratified_subsets_give_leftover_images_to_the_largest_remainders_and_never_move():
+    """Class shares 6:3:1, 3 images: quotas 1.8, 0.9, 0.3, so the two left after the whole parts go to the first
+    two classes. The subset is pinned: every published result was trained and validated on these images."""
+    targets = np.array([0] * 6 + [1] * 3 + [2])
+    assert np.bincount(targets[stratified_indices(targets, 3)], minlength=3).tolist() == [2, 1, 0]
+    assert stratified_indices(np.arange(40) % 4, 8).tolist() == [3, 4, 6, 16, 17, 30, 33, 35]
+
+
 def test_loaders_hold_whole_batches_and_each_process_evaluates_its_share():
     """A fresh loader counts only full training batches (the schedule is built from that count before any
     epoch starts), and process ``rank`` of ``world`` evaluates every ``world``-th validation and test image."""
     splits = datasets.fake(**CONTEXT, train_size=63, val_size=10)
     cfg = DataConfig(workers=0, batch_size_eval=4)
-    shards = [build_loaders(splits.train, splits.val, splits.val, cfg, batch_size=16, seed=0, rank=rank, world=2)
+    shards = [build_loaders(splits.train, splits.val, splits.val, cfg, batch_size=16, seed=0,
+                            repeats=1, views=0, rank=rank, world=2)
               for rank in (0, 1)]
     assert [len(loaders.train) for loaders in shards] == [3, 3]  # 63 images: three batches of 16 (8 each)
     for rank, loaders in enumerate(shards):
