@@ -106,9 +106,10 @@ def cli():
     return invoke
 
 
-def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = False, device: str = "cpu") -> Trainer:
+def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = False, device: str = "cpu",
+                 plugins=None) -> Trainer:
     """A Trainer for a recipe (random teachers allowed), built as ``kdkit run`` builds it; no run directory."""
-    plugins, device = default_plugins(), torch.device(device)
+    plugins, device = plugins or default_plugins(), torch.device(device)
     exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=True)
     parts = prepare(exp, plugins, device, train_teachers=train_teachers)
     return Trainer(exp, parts, device=device, rundir=RunDir(recipe_path.parent / "unused"), hook=plugins.manager.hook,

@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
+from kdkit import api
 from kdkit._distributed import Processes
 from kdkit._engine import DROP_PATH_STREAM, StopOnSignal, autocast
-from kdkit._errors import RunInterrupted
+from kdkit._errors import KdkitError, RunInterrupted
+from kdkit._plugins import Plugins
 
 
 def first_batch(trainer):
@@ -353,21 +355,41 @@ def test_an_epochs_row_holds_the_means_of_its_steps_logged_values(write_recipe, 
 
 def test_the_best_epochs_student_is_kept_as_it_was(write_recipe, monkeypatch):
     """With a held-out validation split the best epoch's weights are kept for the test split: a copy, not
-    the live weights. The first epoch is the best so far even at 0% top-1; a worse one is not."""
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.val_split=0.25", "train.epochs=3"])
+    the live weights. The first epoch is the best so far even at 0% top-1; an equal or worse one is not."""
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.val_split=0.25", "train.epochs=4"])
     evaluate = trainer.evaluate
-    scores = iter([0.0, 50.0, 25.0])
+    scores = iter([0.0, 50.0, 50.0, 25.0])
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "eval": next(scores)})
     best = []
-    for epoch in range(3):
+    for epoch in range(4):
         trainer.train_epoch(epoch)
         trainer.end_epoch(epoch)
         best.append(trainer.state.best_epoch)
         if epoch == 1:
             second = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
-    assert best == [1, 2, 2]
+    assert best == [1, 2, 2, 2]  # a tie keeps the earlier epoch
     assert all(torch.equal(trainer.state.best_model[k], v) for k, v in second.items())
     assert not all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in second.items())
+
+
+def test_a_plugins_evaluate_entries_join_the_epochs_top1_but_never_replace_one(write_recipe):
+    class Probe:
+        reports = {"probe": 12.5}
+
+        @api.hookimpl
+        def kdkit_evaluate(self, trainer):
+            return self.reports
+
+    plugins, probe = Plugins(), Probe()
+    plugins.load_entry_points()
+    plugins.manager.register(probe)
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), plugins=plugins)
+    trainer.train_epoch(0)
+    trainer.end_epoch(0)
+    assert trainer.state.history[-1]["top1"]["probe"] == 12.5
+    probe.reports = {"eval": 99.0}
+    with pytest.raises(KdkitError, match=r"reports \['eval'\], which the run already has"):
+        trainer.end_epoch(1)
 
 
 def test_a_signal_to_any_process_stops_every_process(write_recipe):

@@ -84,6 +84,14 @@ def test_views_walk_through_every_view_before_repeating(write_recipe):
     assert view_of(7, 0, 3, 0, 6, 2) != view_of(7, 0, 3, 1, 6, 2)  # the copies of an epoch differ
 
 
+def test_a_views_pixels_and_an_images_walk_never_move():
+    """Pinned: a cache on disk stays right for a later kdkit only while both stay as they are."""
+    from kdkit._data import view_of, view_seed
+
+    assert view_seed(3, 1) == 8764925935695108732
+    assert [view_of(7, epoch, 3, 0, views=6, repeats=1) for epoch in range(6)] == [4, 5, 2, 1, 0, 3]
+
+
 class LinearProbabilities(nn.Module):
     """A teacher whose class probabilities are affine in its input: softmax(log(s)) with scores s whose sum is
     constant. timm's mixing of two images then mixes its probabilities exactly, for mixup and cutmix alike."""
