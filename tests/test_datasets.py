@@ -19,7 +19,8 @@ from torchvision.transforms import ColorJitter
 
 import kdkit_plugins.datasets as datasets
 from kdkit._config import AugmentConfig, DataConfig
-from kdkit._data import Targets, build_loaders, build_transforms, seeded, split_datasets, stratified_indices
+from kdkit._data import (Targets, build_loaders, build_transforms, fingerprint, seeded, split_datasets,
+                         stratified_indices)
 from kdkit._errors import KdkitError, RecipeError
 from kdkit._plugins import default_plugins
 from kdkit._schema import check_table
@@ -195,7 +196,7 @@ def test_stratified_subsets_give_leftover_images_to_the_largest_remainders_and_n
 
 def test_loaders_hold_whole_batches_and_split_each_batch_and_evaluation_across_processes():
     """A fresh loader counts only full training batches (the schedule is built from that count before any
-    epoch starts); process ``rank`` of ``world`` trains on its share of each global batch, in the order one
+    epoch starts, or a resumed one skips its first batches); process ``rank`` of ``world`` trains on its share of each global batch, in the order one
     process would see them, and evaluates every ``world``-th validation and test image."""
     cfg = DataConfig(workers=0, batch_size_eval=4)
     for size, batches in ((63, 3), (64, 4)):
@@ -205,6 +206,8 @@ def test_loaders_hold_whole_batches_and_split_each_batch_and_evaluation_across_p
         assert [len(loaders.train) for loaders in (one, *shards)] == [batches] * 3
         keys = [list(loaders.sampler) for loaders in (one, *shards)]
         assert keys[0] == [key for b in range(batches) for part in keys[1:] for key in part[8 * b: 8 * b + 8]]
+        one.sampler.set_epoch(0, skip=16)  # resumed after the first global batch: the rest of the epoch
+        assert (len(one.train), list(one.sampler)) == (batches - 1, keys[0][16:])
     for rank, loaders in enumerate(shards):
         share = torch.stack([splits.val[i][0] for i in range(rank, 10, 2)])
         for split in (loaders.val, loaders.test):
@@ -225,6 +228,14 @@ def test_training_transforms_jitter_no_colours():
         transform = build_transforms(32, AugmentConfig(rand_augment=rand_augment), (0.5,) * 3, (0.5,) * 3, train=True)
         jitters = [t for t in transform.transforms if isinstance(t, ColorJitter)]
         assert all(j.brightness is j.contrast is j.saturation is j.hue is None for j in jitters)
+
+
+def test_fingerprints_tell_apart_content_type_shape_and_order():
+    zeros = np.zeros((2, 3), np.float32)
+    assert fingerprint(zeros) == fingerprint(torch.zeros(2, 3))  # a tensor by its values
+    different = [zeros, zeros.astype(np.float64), zeros.reshape(3, 2), np.ones((2, 3), np.float32), "a", ["a", "b"]]
+    assert len({fingerprint(part) for part in different}) == len(different)
+    assert fingerprint("a", "b") != fingerprint("b", "a") != fingerprint("a")
 
 
 def test_seeded_seeds_every_generator_with_the_seed_and_restores_them():
