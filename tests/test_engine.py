@@ -16,7 +16,7 @@ from conftest import TWO_TEACHER_RECIPE, make_trainer
 from kdkit import api
 from kdkit._distributed import Processes
 from kdkit._engine import DROP_PATH_STREAM, StopOnSignal, autocast
-from kdkit._errors import KdkitError, RunInterrupted
+from kdkit._errors import KdkitError, RunFailed, RunInterrupted
 from kdkit._plugins import Plugins
 
 
@@ -390,6 +390,16 @@ def test_a_plugins_evaluate_entries_join_the_epochs_top1_but_never_replace_one(w
     probe.reports = {"eval": 99.0}
     with pytest.raises(KdkitError, match=r"reports \['eval'\], which the run already has"):
         trainer.end_epoch(1)
+
+
+def test_any_non_finite_term_stops_the_run_by_name_and_top1_is_the_exact_fraction(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    trainer.check_finite({"loss": 2.0, "ce/cls": 1.0, "mse/conv": 1.0}, epoch=0)  # all finite: goes on
+    for name in ("ce/cls", "mse/conv"):  # a term named before "loss" and one after (a third-party plugin's)
+        logged = {"loss": math.nan, "ce/cls": 1.0, "mse/conv": 1.0, name: math.inf}
+        with pytest.raises(RunFailed, match=f"the loss term '{name}' is inf at epoch 1"):
+            trainer.check_finite(logged, epoch=0)
+    assert trainer.top1(["cls", "mean"], torch.tensor([1.0, 2.0, 3.0])) == {"cls": 100 / 3, "mean": 200 / 3}
 
 
 def test_a_signal_to_any_process_stops_every_process(write_recipe):
