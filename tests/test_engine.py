@@ -372,6 +372,40 @@ def test_the_best_epochs_student_is_kept_as_it_was(write_recipe, monkeypatch):
     assert not all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in second.items())
 
 
+def plugins_with(*objects) -> Plugins:
+    """The installed plugins and these hook implementations (not registered anywhere else)."""
+    plugins = Plugins()
+    plugins.load_entry_points()
+    for obj in objects:
+        plugins.manager.register(obj)
+    return plugins
+
+
+class KeepsState:
+    def __init__(self, key: str):
+        self.key, self.restored = key, None
+
+    @api.hookimpl
+    def kdkit_state_dict(self, trainer):
+        return {self.key: torch.arange(3.0)}
+
+    @api.hookimpl
+    def kdkit_load_state_dict(self, trainer, state):
+        self.restored = state[self.key]
+
+
+def test_plugins_keep_state_in_checkpoints_under_keys_of_their_own(write_recipe):
+    keeper = KeepsState("ema")
+    plugins = plugins_with(keeper)
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), plugins=plugins)
+    checkpoint = trainer.checkpoint()
+    trainer.resume(checkpoint)
+    assert torch.equal(keeper.restored, torch.arange(3.0))
+    plugins.manager.register(KeepsState("ema"))
+    with pytest.raises(KdkitError, match=r"two plugins keep checkpoint state under \['ema'\]"):
+        trainer.checkpoint()
+
+
 def test_a_plugins_evaluate_entries_join_the_epochs_top1_but_never_replace_one(write_recipe):
     class Probe:
         reports = {"probe": 12.5}
@@ -380,10 +414,8 @@ def test_a_plugins_evaluate_entries_join_the_epochs_top1_but_never_replace_one(w
         def kdkit_evaluate(self, trainer):
             return self.reports
 
-    plugins, probe = Plugins(), Probe()
-    plugins.load_entry_points()
-    plugins.manager.register(probe)
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), plugins=plugins)
+    probe = Probe()
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), plugins=plugins_with(probe))
     trainer.train_epoch(0)
     trainer.end_epoch(0)
     assert trainer.state.history[-1]["top1"]["probe"] == 12.5
