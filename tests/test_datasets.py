@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data.auto_augment import RandAugment
 from torchvision.transforms import ColorJitter
 
 import kdkit_plugins.datasets as datasets
@@ -222,12 +223,33 @@ def test_without_mixing_each_image_keeps_its_own_smoothed_label():
     torch.testing.assert_close(soft, torch.full((4, 4), 0.025) + 0.9 * torch.eye(4))  # 0.1 spread over 4 classes
 
 
-def test_training_transforms_jitter_no_colours():
+def test_training_transforms_add_rand_augment_when_asked_and_jitter_no_colours():
     """DeiT's recipe has no colour jitter (timm's create_transform adds an empty one without RandAugment)."""
     for rand_augment in ("", "rand-m9-mstd0.5-inc1"):
         transform = build_transforms(32, AugmentConfig(rand_augment=rand_augment), (0.5,) * 3, (0.5,) * 3, train=True)
+        assert any(isinstance(t, RandAugment) for t in transform.transforms) == bool(rand_augment)
         jitters = [t for t in transform.transforms if isinstance(t, ColorJitter)]
         assert all(j.brightness is j.contrast is j.saturation is j.hue is None for j in jitters)
+
+
+def test_the_published_defaults_evaluate_with_timms_imagenet_centre_crop():
+    """A dataset plugin that sets no crop_pct is evaluated as timm evaluates ImageNet: resize to 32 / 0.875, crop."""
+    splits = datasets.DatasetSplits([], [], 2, 3, ["a", "b"], (0.5,) * 3, (0.5,) * 3)
+    assert splits.crop_pct == 0.875
+    resize, crop = build_transforms(32, AugmentConfig(), (0.5,) * 3, (0.5,) * 3, train=False).transforms[:2]
+    assert (resize.size, crop.size) == (36, (32, 32))
+
+
+def test_a_datasets_identity_is_its_fingerprint_or_else_its_classes_and_labels():
+    images = torch.zeros(4, 4, 4, 3, dtype=torch.uint8)
+
+    def identity(labels, fingerprint=""):
+        data = datasets.InMemoryImages(images, labels, transform=None)
+        return datasets.DatasetSplits(data, data, 2, 3, ["a", "b"], (0.5,) * 3, (0.5,) * 3,
+                                      fingerprint=fingerprint).identity()
+
+    assert identity([0, 1, 0, 1], fingerprint="given") == "given"
+    assert identity([0, 1, 0, 1]) != identity([1, 1, 0, 1]) != ""
 
 
 def test_fingerprints_tell_apart_content_type_shape_and_order():
