@@ -188,10 +188,11 @@ def test_val_split_swaps_in_the_eval_transform():
 
 
 def test_stratified_subsets_give_leftover_images_to_the_largest_remainders_and_never_move():
-    """Class shares 6:3:1, 3 images: quotas 1.8, 0.9, 0.3, so the two left after the whole parts go to the first
-    two classes. The subset is pinned: every published result was trained and validated on these images."""
-    targets = np.array([0] * 6 + [1] * 3 + [2])
-    assert np.bincount(targets[stratified_indices(targets, 3)], minlength=3).tolist() == [2, 1, 0]
+    """Class shares 4:2:4, 3 images: quotas 1.2, 0.6, 1.2, so classes 0 and 2 get one image each and the one
+    left goes to class 1, whose remainder is largest. The subset is pinned: every published result was
+    trained and validated on these images."""
+    targets = np.array([0] * 4 + [1] * 2 + [2] * 4)
+    assert np.bincount(targets[stratified_indices(targets, 3)], minlength=3).tolist() == [1, 1, 1]
     assert stratified_indices(np.arange(40) % 4, 8).tolist() == [3, 4, 6, 16, 17, 30, 33, 35]
 
 
