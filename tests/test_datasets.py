@@ -198,8 +198,9 @@ def test_stratified_subsets_give_leftover_images_to_the_largest_remainders_and_n
 
 def test_loaders_hold_whole_batches_and_split_each_batch_and_evaluation_across_processes():
     """A fresh loader counts only full training batches (the schedule is built from that count before any
-    epoch starts, or a resumed one skips its first batches); process ``rank`` of ``world`` trains on its share of each global batch, in the order one
-    process would see them, and evaluates every ``world``-th validation and test image."""
+    epoch starts) and a resumed epoch skips the batches already trained; process ``rank`` of ``world`` trains
+    on its share of each global batch, in the order one process would see them, and evaluates every
+    ``world``-th validation and test image."""
     cfg = DataConfig(workers=0, batch_size_eval=4)
     for size, batches in ((63, 3), (64, 4)):
         splits = datasets.fake(**CONTEXT, train_size=size, val_size=10)
@@ -207,6 +208,7 @@ def test_loaders_hold_whole_batches_and_split_each_batch_and_evaluation_across_p
                                       views=0, rank=rank, world=world) for rank, world in ((0, 1), (0, 2), (1, 2)))
         assert [len(loaders.train) for loaders in (one, *shards)] == [batches] * 3
         keys = [list(loaders.sampler) for loaders in (one, *shards)]
+        # global batch b = rank 0's b-th batch of 8, then rank 1's
         assert keys[0] == [key for b in range(batches) for part in keys[1:] for key in part[8 * b: 8 * b + 8]]
         one.sampler.set_epoch(0, skip=16)  # resumed after the first global batch: the rest of the epoch
         assert (len(one.train), list(one.sampler)) == (batches - 1, keys[0][16:])
@@ -263,17 +265,22 @@ def test_fingerprints_tell_apart_content_type_shape_and_order():
 
 def test_seeded_seeds_every_generator_with_the_seed_and_restores_them():
     """Python's, NumPy's (modulo 2**32, its range) and torch's generators, as if each were seeded alone."""
+    def seed_all(seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
     def draw():
         return random.random(), np.random.rand(), torch.rand(1).item()
 
     for seed in (12345, 2**40 + 2**31 + 7):  # bit 31 set: NumPy takes the low 32 bits
-        random.seed(1), np.random.seed(1), torch.manual_seed(1)
+        seed_all(1)
         with seeded(seed):
             inside = draw()
         after = draw()
         assert inside == (random.Random(seed).random(), np.random.RandomState(seed % 2**32).rand(),
                           torch.rand(1, generator=torch.Generator().manual_seed(seed)).item())
-        random.seed(1), np.random.seed(1), torch.manual_seed(1)
+        seed_all(1)
         assert after == draw()  # as if the block had not run
 
 
