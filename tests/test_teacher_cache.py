@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdkit import _teacher_cache
-from kdkit._data import replay
+from kdkit._data import replay, view_of, view_seed
 from kdkit._errors import KdkitError
 from kdkit._experiment import resolve
 from kdkit._recipe import load_recipe
@@ -77,8 +77,6 @@ def test_training_from_a_cache_never_runs_the_teachers(write_recipe, monkeypatch
 
 
 def test_views_walk_through_every_view_before_repeating(write_recipe):
-    from kdkit._data import view_of
-
     per_image = [view_of(7, epoch, 3, copy, views=6, repeats=2) for epoch in range(3) for copy in range(2)]
     assert sorted(per_image) == list(range(6))  # 3 epochs x 2 copies = 6 views, each once
     assert view_of(7, 0, 3, 0, 6, 2) != view_of(7, 0, 3, 1, 6, 2)  # the copies of an epoch differ
@@ -86,8 +84,6 @@ def test_views_walk_through_every_view_before_repeating(write_recipe):
 
 def test_a_views_pixels_and_an_images_walk_never_move():
     """Pinned: a cache on disk stays right for a later kdkit only while both stay as they are."""
-    from kdkit._data import view_of, view_seed
-
     assert view_seed(3, 1) == 8764925935695108732
     assert [view_of(7, epoch, 3, 0, views=6, repeats=1) for epoch in range(6)] == [4, 5, 2, 1, 0, 3]
 
