@@ -5,17 +5,23 @@ beside its run directory (``RUNS/<name>/seed<N>.log``). What runs share is made 
 that no two processes ever build the same thing: the teachers that recipes train (N at a time: they
 are independent), then the teacher-output caches (one recipe at a time, each with every core: recipes
 share teachers, and so caches), then the students, N at a time. Each stage's wall time is reported.
+
+SIGINT or SIGTERM is passed on to the running jobs, so that each run stops with a checkpoint and the
+same command resumes them. The jobs run in their own process group: a terminal's Ctrl-C reaches them
+once, from here, rather than twice (a run's second signal exits at once).
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdkit._errors import RunFailed
+from kdkit._engine import StopOnSignal
+from kdkit._errors import RunFailed, RunInterrupted
 from kdkit._rundir import RunDir
 
 
@@ -37,28 +43,37 @@ def run_command(label: str, recipe: Path, overrides, out: Path, options: list[st
 
 
 def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
-    """Run ``jobs`` ``parallel`` at a time; each gets cores / parallel threads. Returns the stage's wall time."""
+    """Run ``jobs`` ``parallel`` at a time; each gets cores / parallel threads. Returns the stage's wall time;
+    raises ``RunInterrupted`` once a signal has stopped the running jobs."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start, waiting, running, failed = time.perf_counter(), list(jobs), [], []
-    while waiting or running:
-        while waiting and len(running) < parallel:
-            job = waiting.pop(0)
-            job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "a") as log:  # a resumed run adds to its log
-                process = subprocess.Popen([sys.executable, "-m", "kdkit", *job.args], stdout=log,
-                                           stderr=subprocess.STDOUT, env=env)
-            running.append((job, process, time.perf_counter()))
-            _say(console, f"[{stage}] {job.label}: started ({threads} threads; log {job.log})")
-        time.sleep(1)
-        for entry in [e for e in running if e[1].poll() is not None]:
-            job, process, began = entry
-            running.remove(entry)
-            minutes = (time.perf_counter() - began) / 60
-            _say(console, f"[{stage}] {job.label}: {'done' if process.returncode == 0 else 'FAILED'} "
-                          f"in {minutes:.1f} min (exit {process.returncode})")
-            if process.returncode != 0:
-                failed.append(job)
+    with StopOnSignal() as stop:
+        while (waiting or running) and stop.signum is None:
+            while waiting and len(running) < parallel:
+                job = waiting.pop(0)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                with open(job.log, "a") as log:  # a resumed run adds to its log
+                    process = subprocess.Popen([sys.executable, "-m", "kdkit", *job.args], stdout=log,
+                                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                running.append((job, process, time.perf_counter()))
+                _say(console, f"[{stage}] {job.label}: started ({threads} threads; log {job.log})")
+            time.sleep(1)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                job, process, began = entry
+                running.remove(entry)
+                _say(console, f"[{stage}] {job.label}: {'done' if process.returncode == 0 else 'FAILED'} "
+                              f"in {(time.perf_counter() - began) / 60:.1f} min (exit {process.returncode})")
+                if process.returncode != 0:
+                    failed.append(job)
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            for _, process, _ in running:
+                process.send_signal(stop.signum)
+            for job, process, _ in running:
+                _say(console, f"[{stage}] {job.label}: stopped by {name} (exit {process.wait()})")
+            raise RunInterrupted(f"{name}: stopped {len(running)} {stage}; the same command resumes them "
+                                 "and trains the rest", stop.signum)
     if failed:
         raise RunFailed(f"{len(failed)} {stage} failed: " + "; ".join(f"{j.label} (log {j.log})" for j in failed))
     return time.perf_counter() - start
@@ -66,4 +81,4 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
 
 def _say(console, text: str) -> None:
     if console is not None:
-        console.print(text, highlight=False, soft_wrap=True)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)  # "[stage]" is text

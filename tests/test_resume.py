@@ -28,9 +28,12 @@ RESUME_RECIPE = TWO_TEACHER_RECIPE.replace('model = "test_vit"\nmodel_kwargs = {
     + "\n[callbacks.ema]\ndecay = 0.5\n"
 
 SIGNAL_PLUGIN = '''
-"""Test plugin: this process signals itself after optimizer step $KDKIT_TEST_SIGNAL_AT_STEP."""
+"""Test plugin: after optimizer step $KDKIT_TEST_SIGNAL_AT_STEP this process signals itself, or with
+$KDKIT_TEST_SIGNAL_PARENT=process its parent (=group: its parent's process group, as a terminal's Ctrl-C
+does) and waits for the signal to be passed back to it."""
 import os
 import signal
+import time
 
 from kdkit import api
 
@@ -38,8 +41,17 @@ from kdkit import api
 @api.hookimpl
 def kdkit_step_end(trainer, logged):
     if trainer.state.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")):
-        for _ in range(int(os.environ.get("KDKIT_TEST_SIGNAL_COUNT", "1"))):
-            os.kill(os.getpid(), getattr(signal, os.environ.get("KDKIT_TEST_SIGNAL", "SIGTERM")))
+        signum = getattr(signal, os.environ.get("KDKIT_TEST_SIGNAL", "SIGTERM"))
+        parent = os.environ.get("KDKIT_TEST_SIGNAL_PARENT")
+        if parent is None:
+            for _ in range(int(os.environ.get("KDKIT_TEST_SIGNAL_COUNT", "1"))):
+                os.kill(os.getpid(), signum)
+        else:
+            if parent == "group":
+                os.killpg(os.getpgid(os.getppid()), signum)
+            else:
+                os.kill(os.getppid(), signum)
+            time.sleep(5)
 '''
 TIMING = {"images_per_s", "wall_s"}
 
@@ -127,6 +139,30 @@ def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint(recipe, en
     assert not list(out.rglob("*.tmp"))
     resumed = kdkit_run(recipe, out, env, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, to", [("SIGTERM", "process"), ("SIGINT", "group")],
+                         ids=["sigterm-to-compare", "ctrl-c-to-compares-process-group"])
+def test_compare_passes_a_signal_on_to_its_runs_and_the_same_command_resumes_them(signame, to, recipe, env, reference,
+                                                                                  tmp_path):
+    """Each run gets the signal once (a second would stop it at once, without a checkpoint at its step)."""
+    command = [sys.executable, "-m", "kdkit", "compare", str(recipe), "--seeds", "0", "--runs", str(tmp_path),
+               "--jobs", "2", "--allow-random-teachers"]
+    signal_env = {"KDKIT_TEST_SIGNAL_AT_STEP": "4", "KDKIT_TEST_SIGNAL": signame, "KDKIT_TEST_SIGNAL_PARENT": to}
+    stopped = subprocess.run(command, env={**env, **signal_env}, capture_output=True, text=True,
+                             start_new_session=True)  # its own process group, as in a terminal
+    status = 128 + getattr(signal, signame)
+    assert stopped.returncode == status, stopped.stderr
+    assert f"[students] resume seed 0: stopped by {signame} (exit {status})" in stopped.stderr
+    assert f"{signame}: stopped 1 students; the same command resumes them and trains the rest" in stopped.stderr
+    run = tmp_path / "resume" / "seed0"
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (1, 1, 4)  # stopped after step 4
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run, reference)
 
 
 def test_resume_refuses_a_changed_recipe_and_leaves_the_run_alone(recipe, reference, env):
