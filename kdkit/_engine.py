@@ -331,12 +331,15 @@ class Trainer:
         return dict(zip(names, (self.processes.sum(stacked) / self.processes.world).tolist()))
 
     def check_finite(self, logged: dict[str, float], epoch: int) -> None:
-        """Stop at the first non-finite loss term, before it reaches the weights (every process alike)."""
+        """Stop at the first non-finite loss term, or a non-finite total of finite terms (their weighted
+        sum overflowed), before it reaches the weights (every process alike)."""
+        where = (f"at epoch {epoch + 1}, step {self.state.batch + 1} of {self.steps_per_epoch} (optimizer step "
+                 f"{self.state.step + 1}); the run stops, its last good checkpoint is kept")
         for name, value in logged.items():
             if name != "loss" and not math.isfinite(value):
-                raise RunFailed(f"the loss term {name!r} is {value} at epoch {epoch + 1}, step "
-                                f"{self.state.batch + 1} of {self.steps_per_epoch} (optimizer step "
-                                f"{self.state.step + 1}); the run stops, its last good checkpoint is kept")
+                raise RunFailed(f"the loss term {name!r} is {value} {where}")
+        if not math.isfinite(logged["loss"]):
+            raise RunFailed(f"the weighted sum of the loss terms is {logged['loss']} {where}")
 
     # --- evaluation -------------------------------------------------------------------------------
 

@@ -431,6 +431,8 @@ def test_any_non_finite_term_stops_the_run_by_name_and_top1_is_the_exact_fractio
         logged = {"loss": math.nan, "ce/cls": 1.0, "mse/conv": 1.0, name: math.inf}
         with pytest.raises(RunFailed, match=f"the loss term '{name}' is inf at epoch 1"):
             trainer.check_finite(logged, epoch=0)
+    with pytest.raises(RunFailed, match="the weighted sum of the loss terms is inf at epoch 2, step 1"):
+        trainer.check_finite({"loss": math.inf, "ce/cls": 3e38, "mse/conv": 3e38}, epoch=1)  # finite terms
     assert trainer.top1(["cls", "mean"], torch.tensor([1.0, 2.0, 3.0])) == {"cls": 100 / 3, "mean": 200 / 3}
 
 
