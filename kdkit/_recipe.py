@@ -24,7 +24,7 @@ from kdkit._errors import RecipeError
 
 # Keys whose string values are file paths, resolved against the recipe that wrote them.
 PATH_KEYS = {("data", "root"), ("data", "classes"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe"),
-             ("teachers", "*", "classes"), ("student", "checkpoint")}
+             ("teachers", "*", "classes"), ("student", "checkpoint"), ("teacher_cache", "root")}
 
 
 @dataclass

@@ -21,6 +21,8 @@ def test_extends_merges_tables_and_replaces_arrays(write_recipe, tmp_path):
         [data]
         root = "data"
         image_size = 32
+        [teacher_cache]
+        root = "outputs"
         [[losses]]
         plugin = "ce"
         head = "cls"
@@ -39,6 +41,7 @@ def test_extends_merges_tables_and_replaces_arrays(write_recipe, tmp_path):
     recipe = load_recipe(child)
     assert recipe.table["seed"] == 1
     assert recipe.table["data"] == {"root": str(tmp_path / "data"), "image_size": 64}
+    assert recipe.table["teacher_cache"] == {"root": str(tmp_path / "outputs")}
     assert recipe.table["losses"] == [{"plugin": "ce", "head": "pool"}]
     assert recipe.table["name"] == "child"
     assert recipe.where("data.root") == str(tmp_path / "base.toml")
