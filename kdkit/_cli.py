@@ -190,13 +190,20 @@ def compare(
 
 
 COMPARE_WIDTH = 100  # compare's tables read in a 100-column terminal (or log)
+SHORT_CELL = 14  # "52.41 ± 0.65", "+2.00 ± 1.41": never broken
 
 
 def _table(table) -> Table:
+    """Recipe names and short cells (the numbers) whole; longer text wraps to fit, breaking words only
+    where it must (headers wrap at spaces)."""
     out = Table(*table.headers, title=table.title)
-    for column in out.columns[1:]:
-        column.overflow = "fold"  # wrap to fit, breaking long words rather than cutting them
-    out.columns[0].no_wrap = True  # recipe names whole
+    out.columns[0].no_wrap = True
+    for column, header, cells in zip(out.columns[1:], table.headers[1:], list(zip(*table.body))[1:]):
+        longest = max(map(len, cells))
+        if longest <= SHORT_CELL:
+            column.width = max(longest, *map(len, header.split()))
+        else:
+            column.overflow = "fold"
     for row in table.body:
         out.add_row(*row)
     return out

@@ -383,9 +383,11 @@ def _named(stats: dict[str, Stat]) -> str:
     return ", ".join(f"{name} {_number(s, '{:.1f}')}" for name, s in stats.items())
 
 
-def _settings(settings: dict) -> str:
-    """``key=value, ...``, lists written ``a+b+c`` so that a narrow column wraps between settings."""
-    return ", ".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items())
+def _settings(settings: dict, keys: bool = True) -> str:
+    """``key=value, ...`` (or the values alone), lists written ``a+b+c`` so that a narrow column wraps
+    between settings."""
+    return ", ".join(f"{k + '=' if keys else ''}{'+'.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in settings.items())
 
 
 @dataclass
@@ -404,16 +406,21 @@ def student_caption(rows: list[Row]) -> tuple[dict, list[dict]]:
 
 
 def results_table(rows: list[Row]) -> Table:
-    """Test top-1 of the final students (mean ± std over seeds), with the teachers and the other rule."""
+    """Test top-1 of the final students (mean ± std over seeds), with the teachers and the other rule.
+    What every row shares (student settings, the number of seeds) goes in the title rather than a column;
+    when the students differ in one setting only, its column is named after it."""
     shared, differing = student_caption(rows)
-    student = any(differing)
+    keys = list(dict.fromkeys(k for d in differing for k in d))
+    seeds = {len(row.seeds) for row in rows}
     selected = any(row.best_val.n for row in rows)
-    headers = ["recipe", *(["student"] if student else []), "teachers (top-1)", "test top-1",
-               "mean of heads", *(["best-val epoch"] if selected else []), "seeds"]
-    body = [[row.name + (f" {MARK}" if row.flags else ""), *([_settings(d)] if student else []),
+    headers = ["recipe", *([f"student {keys[0]}" if len(keys) == 1 else "student"] if keys else []),
+               "teachers (top-1)", "test top-1", "mean of heads", *(["best-val epoch"] if selected else []),
+               *(["seeds"] if len(seeds) > 1 else [])]
+    body = [[row.name + (f" {MARK}" if row.flags else ""), *([_settings(d, keys=len(keys) > 1)] if keys else []),
              _named(row.teachers), _pm(row.test), _pm(row.heads_mean), *([_pm(row.best_val)] if selected else []),
-             str(len(row.seeds))] for row, d in zip(rows, differing)]
-    title = ("test top-1 (%) of the final students, mean ± std over seeds; student "
+             *([str(len(row.seeds))] if len(seeds) > 1 else [])] for row, d in zip(rows, differing)]
+    over = f"{seeds.pop()} seeds" if len(seeds) == 1 else "seeds"
+    title = (f"test top-1 (%) of the final students, mean ± std over {over}; student "
              f"{_settings(shared) or '(see the column)'}")
     return Table(title, headers, body)
 

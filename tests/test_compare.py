@@ -10,12 +10,13 @@ import statistics
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 import kdkit._run
-from kdkit._cli import app
-from kdkit._compare import (MARK, Run, load_run, paired_differences, seeded_recipe, summarize, to_markdown,
-                            validation_curves)
+from kdkit._cli import COMPARE_WIDTH, _table, app
+from kdkit._compare import (MARK, Run, load_run, paired_differences, results_table, seeded_recipe, summarize,
+                            tables, to_markdown, validation_curves)
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -85,7 +86,8 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
 
     markdown = files["markdown"].read_text()
     assert "student plugin=timm, model=test_vit, model_kwargs.img_size=32" in markdown  # shared: a caption
-    assert "| recipe | teachers (top-1) | test top-1 | mean of heads | seeds |" in markdown
+    assert "mean ± std over 2 seeds" in markdown  # every row has 2: no seeds column
+    assert "| recipe | teachers (top-1) | test top-1 | mean of heads |" in markdown
     assert "| two | conv " in markdown and cell in markdown
 
 
@@ -168,10 +170,10 @@ def test_bad_input_exits_2(seed_runs, cli, tmp_path):
     assert keep.read_text() == "x"
 
 
-def fabricated(name: str, seed: int, test: float, tokens=("cls",)) -> Run:
+def fabricated(name: str, seed: int, test: float, tokens=("cls",), teachers=("conv",), best=None) -> Run:
     s = {"name": name, "seed": seed, "status": "completed", "top1": {"cls": 0.0, "eval": 0.0},
-         "test_top1": {"cls": test - 1, "eval": test, "heads_mean": test + 0.5}, "best_test_top1": None,
-         "teacher_top1": {"conv": 50.0}, "params": 1000, "flops": None,
+         "test_top1": {"cls": test - 1, "eval": test, "heads_mean": test + 0.5}, "best_test_top1": best,
+         "teacher_top1": {t: 50.0 + i for i, t in enumerate(teachers)}, "params": 1000, "flops": None,
          "train_images_per_s": 10.0, "infer_images_per_s": 100.0, "wall_s": 5.0}
     return Run(Path(f"runs/{name}/seed{seed}"), s, {"plugin": "vit", "depth": 4, "tokens": list(tokens)}, [])
 
@@ -201,10 +203,34 @@ def test_rows_and_paired_differences_by_hand():
 
     markdown = to_markdown([base, new, other, third], [to_new, to_other, to_third])
     assert "student plugin=vit, depth=4" in markdown  # shared settings go to the caption...
-    assert "| base | tokens=cls | conv 50.0 | 72.00 ± 2.00 | 72.50 ± 2.00 | 3 |" in markdown  # ...the rest stays
+    assert "| recipe | student tokens | teachers (top-1) | test top-1 | mean of heads | seeds |" in markdown
+    assert "| base | cls | conv 50.0 | 72.00 ± 2.00 | 72.50 ± 2.00 | 3 |" in markdown  # ...the rest stays
     assert "| new | +2.00 ± 1.41 | [-10.71, +14.71] | 0.295 | 0.295 | 2 |" in markdown
     assert "| third | +1.33 ± 0.58 | [-0.10, +2.77] | 0.057 | 0.114 | 3 |" in markdown
     assert "| other | no common seeds | n/a | n/a | n/a | 0 |" in markdown
+
+
+def test_the_study_table_reads_in_100_columns_with_every_number_whole():
+    """Eight rows as in docs/results/cifar10-v2: the longest recipe names, tokens and teacher lists."""
+    rows = {"no_kd": ((), ()), "conv_only": (("conv",), ("conv",)), "two_conv": (("conv", "conv2"),) * 2,
+            "one_token_mean_prob": ((), ("conv", "inv")), "civt": (("conv", "inv"),) * 2,
+            "two_inv": (("inv", "inv2"),) * 2}
+    runs = [fabricated(name, seed, 50.0 + seed, ("cls", *tokens), teachers, best=50.25 + seed)
+            for name, (tokens, teachers) in rows.items() for seed in range(5)]
+    summarized = summarize(runs)
+    results = results_table(summarized)
+    assert results.headers[1] == "student tokens" and "best-val epoch" in results.headers
+    assert "seeds" not in results.headers  # 5 seeds each: in the title
+    assert "mean ± std over 5 seeds; student plugin=vit, depth=4" in results.title
+    console = Console(width=COMPARE_WIDTH, record=True)
+    for table in tables(summarized, paired_differences(summarized, "civt")):
+        console.print(_table(table))
+    text = console.export_text()
+    borders = [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+    assert all(line[-1] in "┓┃┩│┘" for line in borders)  # a table too wide loses its right edge
+    lines = [line for line in text.splitlines() if "two_conv" in line]
+    assert "cls+conv+conv2" in lines[0] and "52.00 ± 1.58" in lines[0] and "52.25 ± 1.58" in lines[0]
+    assert "+0.00 ± 0.00" in lines[1] and "one_token_mean_prob" in text
 
 
 def test_validation_curves_gather_every_epoch_of_every_seed(seed_runs):
