@@ -66,17 +66,22 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
                               f"in {(time.perf_counter() - began) / 60:.1f} min (exit {process.returncode})")
                 if process.returncode != 0:
                     failed.append(job)
-        if stop.signum is not None:
-            name = signal.Signals(stop.signum).name
-            for _, process, _ in running:
-                process.send_signal(stop.signum)
-            for job, process, _ in running:
-                _say(console, f"[{stage}] {job.label}: stopped by {name} (exit {process.wait()})")
-            raise RunInterrupted(f"{name}: stopped {len(running)} {stage}; the same command resumes them "
-                                 "and trains the rest", stop.signum)
+        if stop.signum is not None:  # still inside: a second signal exits at once
+            _pass_on(stop.signum, stage, running, console)
     if failed:
         raise RunFailed(f"{len(failed)} {stage} failed: " + "; ".join(f"{j.label} (log {j.log})" for j in failed))
     return time.perf_counter() - start
+
+
+def _pass_on(signum: int, stage: str, running: list, console) -> None:
+    """Signal every running job, wait for each to stop (with its checkpoint), then raise ``RunInterrupted``."""
+    name = signal.Signals(signum).name
+    for _, process, _ in running:
+        process.send_signal(signum)
+    for job, process, _ in running:
+        _say(console, f"[{stage}] {job.label}: stopped by {name} (exit {process.wait()})")
+    raise RunInterrupted(f"{name}: stopped {len(running)} {stage}; the same command resumes them and trains "
+                         "the rest", signum)
 
 
 def _say(console, text: str) -> None:

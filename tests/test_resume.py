@@ -43,14 +43,14 @@ def kdkit_step_end(trainer, logged):
     if trainer.state.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")):
         signum = getattr(signal, os.environ.get("KDKIT_TEST_SIGNAL", "SIGTERM"))
         parent = os.environ.get("KDKIT_TEST_SIGNAL_PARENT")
-        if parent is None:
+        if parent == "group":
+            os.killpg(os.getpgid(os.getppid()), signum)
+        elif parent == "process":
+            os.kill(os.getppid(), signum)
+        else:
             for _ in range(int(os.environ.get("KDKIT_TEST_SIGNAL_COUNT", "1"))):
                 os.kill(os.getpid(), signum)
-        else:
-            if parent == "group":
-                os.killpg(os.getpgid(os.getppid()), signum)
-            else:
-                os.kill(os.getppid(), signum)
+        if parent:
             time.sleep(5)
 '''
 TIMING = {"images_per_s", "wall_s"}
