@@ -33,19 +33,20 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def seed_overrides(overrides, seed: int) -> list[str]:
-    """The overrides ``kdkit run --seeds`` applies: the seed last, so it wins over a ``-o seed=``."""
-    return [*overrides, f"seed={seed}"]
+def recipe_seed(path, overrides=()) -> int:
+    """The seed the recipe itself names (after overrides): the default when no ``--seeds`` are given."""
+    return load_recipe(path, list(overrides)).table.get("seed", 0)
+
+
+def seed_overrides(path, overrides, seed: int) -> list[str]:
+    """The overrides ``kdkit run --seeds`` applies: the seed last, so it wins over a ``-o seed=``; none when
+    the recipe already gives this seed, so that a plain ``kdkit run`` of it is the same run (same hash)."""
+    return list(overrides) if seed == recipe_seed(path, overrides) else [*overrides, f"seed={seed}"]
 
 
 def seeded_recipe(path, overrides, seed: int) -> Recipe:
     """The recipe exactly as a run of this seed resolves it, so its hash is the one the run records."""
-    return load_recipe(path, seed_overrides(overrides, seed))
-
-
-def recipe_seed(path, overrides=()) -> int:
-    """The seed the recipe itself names (after overrides): the default when no ``--seeds`` are given."""
-    return load_recipe(path, list(overrides)).table.get("seed", 0)
+    return load_recipe(path, seed_overrides(path, overrides, seed))
 
 
 def run_seeds(recipe_path, seeds, overrides=(), out=None, *, force: bool = False, resume: bool = False,
@@ -55,15 +56,17 @@ def run_seeds(recipe_path, seeds, overrides=(), out=None, *, force: bool = False
     Every directory is checked before the first seed trains, so a clash cannot surface hours later.
     ``options`` are ``kdkit._run.run``'s.
     """
-    from kdkit._run import run
+    from kdkit._run import check_resumable, run
 
-    dirs = [Path(out) / f"seed{seed}" if out else default_run_dir(seeded_recipe(recipe_path, overrides, seed))
-            for seed in seeds]
-    if not resume:
-        for path in dirs:
+    recipes = [seeded_recipe(recipe_path, overrides, seed) for seed in seeds]
+    dirs = [Path(out) / f"seed{seed}" if out else default_run_dir(recipe) for seed, recipe in zip(seeds, recipes)]
+    for recipe, path in zip(recipes, dirs):
+        if resume:
+            check_resumable(RunDir(path), recipe, options.get("allow_changes", False))
+        else:
             RunDir(path).check_writable(force)
-    return [run(recipe_path, seed_overrides(overrides, seed), path, force=force, resume=resume, **options)
-            for seed, path in zip(seeds, dirs)]
+    return [run(recipe_path, seed_overrides(recipe_path, overrides, seed), path, force=force, resume=resume,
+                **options) for seed, path in zip(seeds, dirs)]
 
 
 # --- run directories --------------------------------------------------------------------------------
@@ -98,12 +101,12 @@ def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
         raise KdkitError(f"{path}: not a run directory (it needs summary.json and recipe.toml)")
     summary = _read_summary(rundir)
     missing = [key for key in ("name", "seed", "status", "top1") if key not in summary]
+    if not missing and summary["status"] != "completed":  # before its first epoch a run has no top1.eval yet
+        raise KdkitError(f"{path}: the run is {summary['status']}, not completed: "
+                         "run it again (kdkit run --resume, or --force) or leave it out")
     missing += [] if "eval" in summary.get("top1", {}) else ["top1.eval"]
     if missing:
         raise KdkitError(f"{rundir.summary}: not a kdkit summary (no {', '.join(missing)})")
-    if summary["status"] != "completed":
-        raise KdkitError(f"{path}: the run is {summary['status']}, not completed: "
-                         "run it again (kdkit run --force) or leave it out")
     recipe = load_recipe(rundir.recipe)
     expected = expected_hash or recipe.hash()
     flags = []
@@ -147,8 +150,12 @@ def plan_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs")
             for seed in seeds or [recipe_seed(target, overrides)]:
                 recipe = seeded_recipe(target, overrides, seed)
                 path = default_run_dir(recipe, runs_root)
-                plans.setdefault(path.resolve(), Planned(path, recipe.hash(), recipe,
-                                                         tuple(seed_overrides(overrides, seed))))
+                planned = plans.get(path.resolve())
+                if planned and planned.recipe and planned.expected_hash != recipe.hash():
+                    raise KdkitError(f"{target} and {planned.recipe.path} both name their runs "
+                                     f"'{recipe.table['name']}' ({path}): give one of them another name")
+                plans[path.resolve()] = Planned(path, recipe.hash(), recipe,
+                                                tuple(seed_overrides(target, overrides, seed)))
         else:
             raise KdkitError(f"{target}: neither a run directory nor a recipe (.toml) file")
     return list(plans.values())
@@ -173,9 +180,8 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
         rundir = RunDir(plan.path)
         rundir.check_writable(force=rundir.summary.is_file())  # only a kdkit run is ever overwritten
     if jobs > 1 and todo:
-        flags = [*(["--allow-random-teachers"] if allow_random_teachers else []),
-                 *(["--allow-weak-teachers"] if allow_weak_teachers else [])]
-        stages = train_in_stages(todo, jobs, flags, console)
+        stages = train_in_stages(todo, jobs, console, allow_random_teachers=allow_random_teachers,
+                                 allow_weak_teachers=allow_weak_teachers)
         return [load_run(p.path, p.expected_hash) for p in plans], stages
     start = time.perf_counter()
     for plan in todo:
@@ -187,13 +193,16 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
     return [load_run(p.path, p.expected_hash) for p in plans], stages
 
 
-def train_in_stages(todo: list[Planned], jobs: int, flags: list[str], console=None) -> dict[str, float]:
+def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_random_teachers: bool = False,
+                    allow_weak_teachers: bool = False) -> dict[str, float]:
     """Train the missing runs in subprocesses, shared parts first (``kdkit._jobs``); each stage's wall time."""
     from kdkit._experiment import resolve
     from kdkit._jobs import Job, run_command, run_jobs
     from kdkit._plugins import default_plugins
     from kdkit._run import teacher_run_dir
 
+    random_ok = ["--allow-random-teachers"] if allow_random_teachers else []  # a cache build scores no teacher
+    flags = [*random_ok, *(["--allow-weak-teachers"] if allow_weak_teachers else [])]
     plugins = default_plugins()
     teachers, caches = {}, {}
     for plan in todo:
@@ -204,7 +213,7 @@ def train_in_stages(todo: list[Planned], jobs: int, flags: list[str], console=No
                 teachers[out] = run_command(f"teacher {spec.recipe.table['name']}", spec.recipe.path, (), out, flags)
         if exp.teacher_cache and exp.name not in caches:
             args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)),
-                    *(f for f in flags if f == "--allow-random-teachers")]  # a cache build scores no teacher
+                    *random_ok]
             caches[exp.name] = Job(f"caches of {exp.name}", args, plan.path.parent / "teacher_cache.log")
     students = [run_command(f"{plan.recipe.table['name']} seed {plan.recipe.table.get('seed', 0)}", plan.recipe.path,
                             plan.overrides, plan.path, [*flags, "--no-train-teachers"]) for plan in todo]
@@ -292,10 +301,12 @@ def _row(name: str, runs: list[Run]) -> Row:
     heads = per_name(tests)
     test, heads_mean = heads.pop("eval"), heads.pop("heads_mean", Stat(None, None, 0))
     flags = [f"{name} seed {seed} ({by_seed[seed].path}): {flag}" for seed in seeds for flag in by_seed[seed].flags]
-    return Row(name, by_seed[seeds[0]].student, seeds, {seed: t["eval"] for seed, t in zip(seeds, tests)}, test,
-               heads_mean, over("best_test_top1"), heads, per_name([s.get("teacher_top1") or {} for s in summaries]),
-               over("params"), over("flops"), over("train_images_per_s"), over("infer_images_per_s"), over("wall_s"),
-               flags)
+    return Row(name, student=by_seed[seeds[0]].student, seeds=seeds,
+               test_by_seed={seed: t["eval"] for seed, t in zip(seeds, tests)}, test=test, heads_mean=heads_mean,
+               best_val=over("best_test_top1"), heads=heads,
+               teachers=per_name([s.get("teacher_top1") or {} for s in summaries]), params=over("params"),
+               flops=over("flops"), train_images_per_s=over("train_images_per_s"),
+               infer_images_per_s=over("infer_images_per_s"), wall_s=over("wall_s"), flags=flags)
 
 
 @dataclass
@@ -304,7 +315,7 @@ class Difference:
 
     ``low``/``high``: the 95% Student's t interval of the mean difference; ``p``: the paired t-test's
     two-sided p-value; ``p_holm``: ``p`` adjusted by Holm's step-down method over every difference
-    of the comparison (None below two pairs).
+    of the comparison that has a p-value (None below two pairs).
     """
 
     name: str
@@ -401,7 +412,8 @@ class Table:
 
 def student_caption(rows: list[Row]) -> tuple[dict, list[dict]]:
     """The student settings every row shares, and per row the ones that differ."""
-    shared = {k: v for k, v in rows[0].student.items() if all(r.student.get(k, MARK) == v for r in rows)} if rows else {}
+    first = rows[0].student if rows else {}
+    shared = {k: v for k, v in first.items() if all(k in r.student and r.student[k] == v for r in rows)}
     return shared, [{k: v for k, v in row.student.items() if k not in shared} for row in rows]
 
 

@@ -17,6 +17,7 @@ import kdkit._run
 from kdkit._cli import COMPARE_WIDTH, _table, app
 from kdkit._compare import (MARK, Run, load_run, paired_differences, results_table, seeded_recipe, summarize,
                             tables, to_markdown, validation_curves)
+from kdkit._recipe import load_recipe
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -130,6 +131,28 @@ def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monke
     assert trained[-1] == ("seed0", "force")  # no checkpoint to resume from: started over
 
 
+def test_a_plain_run_is_seed_0_of_a_recipe_that_names_no_seed(cli, tmp_path, monkeypatch):
+    recipe = tmp_path / "two.toml"
+    recipe.write_text(TWO_TEACHER_RECIPE.replace("\nseed = 0\n", "\n"))
+    assert "seed" not in load_recipe(recipe).table
+    made = cli("run", recipe, "--out", tmp_path / "runs" / "two" / "seed0", *FAST, "--allow-random-teachers")
+    assert made.exit_code == 0, made.output
+    monkeypatch.setattr(kdkit._run, "run", lambda *args, **kwargs: pytest.fail("compare retrained the run"))
+    result = cli("compare", recipe, "--runs", tmp_path / "runs", *FAST)
+    assert result.exit_code == 0, result.output
+    assert MARK not in result.output  # the hash the run recorded is the one compare expects
+
+
+def test_resuming_seeds_checks_every_run_before_the_first_resumes(seed_runs, cli, tmp_path):
+    recipe, dirs, _ = seed_runs
+    shutil.copytree(dirs[0], tmp_path / "two" / "seed0")  # seed 1 has nothing to resume
+    before = (tmp_path / "two" / "seed0" / "summary.json").read_bytes()
+    result = cli("run", "--seeds", "0,1", recipe, "--out", tmp_path / "two", "--resume", *FAST,
+                 "--allow-random-teachers")
+    assert result.exit_code == 2 and "seed1: nothing to resume" in result.output
+    assert (tmp_path / "two" / "seed0" / "summary.json").read_bytes() == before
+
+
 def test_stale_runs_are_flagged(seed_runs, cli, tmp_path):
     _, dirs, _ = seed_runs
     stale = tmp_path / "stale"
@@ -154,11 +177,18 @@ def test_bad_input_exits_2(seed_runs, cli, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     shutil.copytree(dirs[0], tmp_path / "broken")
     (tmp_path / "broken" / "summary.json").write_text(json.dumps({**summary(dirs[0]), "status": "failed"}))
+    shutil.copytree(dirs[0], tmp_path / "starting")  # stopped before its first epoch: no top-1 yet
+    (tmp_path / "starting" / "summary.json").write_text(json.dumps({**summary(dirs[0]), "status": "running",
+                                                                    "top1": {}}))
+    namesake = tmp_path / "namesake.toml"  # another recipe whose runs are also named "two"
+    namesake.write_text('name = "two"\n' + recipe.read_text().replace("train_size = 64", "train_size = 48"))
     cases = {
         (tmp_path / "missing",): "no such run directory or recipe file",
         (tmp_path / "empty",): "not a run directory",
         (tmp_path / "notes.txt",): "neither a run directory nor a recipe",
         (tmp_path / "broken",): "the run is failed, not completed",
+        (tmp_path / "starting",): "the run is running, not completed",
+        (recipe, namesake, "--runs", tmp_path / "runs"): "both name their runs 'two'",
         (*dirs, "--seeds", "0,x"): "expected comma-separated integers",
         (*dirs, "--baseline", "tw"): "no such recipe in the comparison (did you mean: two?)",
         (recipe, "--runs", tmp_path / "runs", "--allow-random-teachers"): "exists and is not empty",
