@@ -49,39 +49,48 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start, waiting, running, failed = time.perf_counter(), list(jobs), [], []
     with StopOnSignal() as stop:
-        while (waiting or running) and stop.signum is None:
-            while waiting and len(running) < parallel:
-                job = waiting.pop(0)
-                job.log.parent.mkdir(parents=True, exist_ok=True)
-                with open(job.log, "a") as log:  # a resumed run adds to its log
-                    process = subprocess.Popen([sys.executable, "-m", "kdkit", *job.args], stdout=log,
-                                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                running.append((job, process, time.perf_counter()))
-                _say(console, f"[{stage}] {job.label}: started ({threads} threads; log {job.log})")
-            time.sleep(1)
-            for entry in [e for e in running if e[1].poll() is not None]:
-                job, process, began = entry
-                running.remove(entry)
-                _say(console, f"[{stage}] {job.label}: {'done' if process.returncode == 0 else 'FAILED'} "
-                              f"in {(time.perf_counter() - began) / 60:.1f} min (exit {process.returncode})")
-                if process.returncode != 0:
-                    failed.append(job)
+        try:
+            while (waiting or running) and stop.signum is None:
+                while waiting and len(running) < parallel and stop.signum is None:
+                    job = waiting.pop(0)
+                    job.log.parent.mkdir(parents=True, exist_ok=True)
+                    with open(job.log, "a") as log:  # a resumed run adds to its log
+                        process = subprocess.Popen([sys.executable, "-m", "kdkit", *job.args], stdout=log,
+                                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    running.append((job, process, time.perf_counter()))
+                    _say(console, f"[{stage}] {job.label}: started ({threads} threads; log {job.log})")
+                time.sleep(1)
+                for entry in [e for e in running if e[1].poll() is not None]:
+                    job, process, began = entry
+                    running.remove(entry)
+                    _say(console, f"[{stage}] {job.label}: {'done' if process.returncode == 0 else 'FAILED'} "
+                                  f"in {(time.perf_counter() - began) / 60:.1f} min (exit {process.returncode})")
+                    if process.returncode != 0:
+                        failed.append(job)
+        except BaseException:  # the jobs run in their own sessions: nothing else would ever stop them
+            _stop(signal.SIGTERM, stage, running, console)
+            raise
         if stop.signum is not None:  # still inside: a second signal exits at once
-            _pass_on(stop.signum, stage, running, console)
+            _stop(stop.signum, stage, running, console)
+            name = signal.Signals(stop.signum).name
+            raise RunInterrupted(f"{name}: stopped {len(running)} {stage}; the same command resumes them and trains "
+                                 f"the rest{'; before that, ' + _failures(stage, failed) if failed else ''}",
+                                 stop.signum)
     if failed:
-        raise RunFailed(f"{len(failed)} {stage} failed: " + "; ".join(f"{j.label} (log {j.log})" for j in failed))
+        raise RunFailed(_failures(stage, failed))
     return time.perf_counter() - start
 
 
-def _pass_on(signum: int, stage: str, running: list, console) -> None:
-    """Signal every running job, wait for each to stop (with its checkpoint), then raise ``RunInterrupted``."""
-    name = signal.Signals(signum).name
+def _stop(signum: int, stage: str, running: list, console) -> None:
+    """Signal every running job and wait for each to stop (a run stops with its checkpoint)."""
     for _, process, _ in running:
         process.send_signal(signum)
     for job, process, _ in running:
-        _say(console, f"[{stage}] {job.label}: stopped by {name} (exit {process.wait()})")
-    raise RunInterrupted(f"{name}: stopped {len(running)} {stage}; the same command resumes them and trains "
-                         "the rest", signum)
+        _say(console, f"[{stage}] {job.label}: stopped by {signal.Signals(signum).name} (exit {process.wait()})")
+
+
+def _failures(stage: str, failed: list[Job]) -> str:
+    return f"{len(failed)} {stage} failed: " + "; ".join(f"{j.label} (log {j.log})" for j in failed)
 
 
 def _say(console, text: str) -> None:
