@@ -56,7 +56,7 @@ class TrainState:
     step: int = 0  # optimizer updates so far
     batch: int = 0  # batches trained in the unfinished epoch
     sums: dict[str, float] = field(default_factory=dict)  # that epoch's sums of the logged values
-    seen: int = 0  # images trained on in that epoch
+    seen: int = 0  # images trained on in that epoch, by every process together
     train_s: float = 0.0  # seconds spent training in that epoch
     best_top1: float = -1.0
     best_epoch: int = 0
@@ -191,8 +191,8 @@ class Trainer:
         """Train the remaining epochs, calling the lifecycle hooks; raises ``RunInterrupted`` on a signal."""
         status = "failed"
         self.clock = (time.perf_counter(), self.summary.get("wall_s") or 0.0)
-        try:
-            with self.stop:
+        with self.stop:  # also while the run-end hooks write the checkpoint: a second signal exits at once
+            try:
                 self.summary["status"] = "running"
                 self.hook.kdkit_run_start(trainer=self)
                 for epoch in range(self.state.epoch, self.cfg.epochs):
@@ -204,14 +204,20 @@ class Trainer:
                     self.summary["top1"] = self.evaluate()
                 self.summary.update(self.evaluate_test(), infer_images_per_s=self.inference_speed())
                 status = "completed"
-        except _Stop:
-            status = "interrupted"
-            signum = self.stop.signum or signal.SIGTERM  # another process may have been the one signalled
-            raise RunInterrupted(f"{signal.Signals(signum).name}: stopped at epoch {self.state.epoch + 1}, step "
-                                 f"{self.state.batch} of {self.steps_per_epoch}; resume with --resume", signum) from None
-        finally:
-            self.summary.update(status=status, wall_s=self.wall_s)
-            self.hook.kdkit_run_end(trainer=self, status=status)
+            except _Stop:
+                status = "interrupted"
+                signum = self.stop.signum or signal.SIGTERM  # another process may have been the one signalled
+                raise RunInterrupted(f"{signal.Signals(signum).name}: stopped {self.where()}; resume with --resume",
+                                     signum) from None
+            finally:
+                self.summary.update(status=status, wall_s=self.wall_s)
+                self.hook.kdkit_run_end(trainer=self, status=status)
+
+    def where(self) -> str:
+        """Where the run is, for messages: after an epoch, or at a step of the next one."""
+        if self.state.batch == 0:
+            return f"after epoch {self.state.epoch}"
+        return f"at epoch {self.state.epoch + 1}, step {self.state.batch} of {self.steps_per_epoch}"
 
     def stopping(self) -> bool:
         """Whether a signal asked to stop, in any process: all processes stop after the same step."""
@@ -233,7 +239,8 @@ class Trainer:
         for images, labels, *views in self.parts.loaders.train:
             logged = self.train_step(images, labels, epoch, views or None)
             now = time.perf_counter()
-            state.batch, state.seen, state.train_s = state.batch + 1, state.seen + len(labels), state.train_s + now - last
+            state.batch, state.train_s = state.batch + 1, state.train_s + now - last
+            state.seen += len(labels) * self.processes.world  # each process trains an equal share
             for key, value in logged.items():
                 state.sums[key] = state.sums.get(key, 0.0) + value
             self.hook.kdkit_step_end(trainer=self, logged=logged)

@@ -460,6 +460,13 @@ def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
     assert logged == {"loss": 3.0, "ce/cls": 1.0, "kl/conv": 2.0}
 
 
+def test_the_training_speed_counts_the_images_of_every_process(write_recipe):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    trainer.processes = TwoProcesses()  # the other process trains a share as large as this one's
+    trainer.train_epoch(0)
+    assert trainer.state.seen == 2 * sum(len(labels) for _, labels, *_ in trainer.parts.loaders.train)
+
+
 def test_the_inference_speed_is_images_over_the_timed_seconds(write_recipe, monkeypatch):
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["data.batch_size_eval=100"])
     clock = iter([10.0, 13.0])  # the start and the end of the timed batches
@@ -475,10 +482,23 @@ def test_a_signal_stops_the_run_after_its_step_naming_the_signal(write_recipe, m
     step = trainer.train_step
     before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; SIG_IGN when started in the background
     monkeypatch.setattr(trainer, "train_step", lambda *args: (step(*args), os.kill(os.getpid(), signal.SIGINT))[0])
+    at_run_end, run_end = [], trainer.hook.kdkit_run_end
+    monkeypatch.setattr(trainer.hook, "kdkit_run_end",
+                        lambda **kw: (at_run_end.append(signal.getsignal(signal.SIGINT)), run_end(**kw))[1])
     with pytest.raises(RunInterrupted, match=r"^SIGINT: stopped at epoch 1, step 1 of 4;") as stopped:
         trainer.fit()
     assert stopped.value.signum == signal.SIGINT and trainer.summary["status"] == "interrupted"
+    assert at_run_end == [trainer.stop.handle]  # a second signal while the checkpoint is written exits at once
     assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
+
+
+def test_a_signal_during_an_epochs_evaluation_stops_after_that_epoch(write_recipe, monkeypatch):
+    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda: (evaluate(), os.kill(os.getpid(), signal.SIGTERM))[0])
+    with pytest.raises(RunInterrupted, match=r"^SIGTERM: stopped after epoch 1; resume with --resume"):
+        trainer.fit()
+    assert trainer.summary["epochs"] == 1 and trainer.summary["status"] == "interrupted"
 
 
 @pytest.mark.parametrize("trained_heads, unused_expected", [(3, False), (2, True)])
