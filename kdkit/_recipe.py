@@ -65,6 +65,11 @@ def _read(path: Path) -> dict:
         raise RecipeError("is a directory, not a recipe file", file=path) from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"not valid TOML: {exc}", file=path) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not a text file (a recipe is UTF-8 TOML): {exc.reason} at byte {exc.start}",
+                          file=path) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", file=path) from None
 
 
 def _absolutize(table: dict, base: Path) -> None:

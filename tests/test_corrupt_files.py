@@ -1,0 +1,71 @@
+"""Every file kdkit wrote is checked when it is read back: a truncated, garbled or foreign checkpoint,
+export, summary, recipe or teacher-output cache gives exit 2 and one line naming the file, and nothing
+on disk changes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdkit._cli import app
+
+from conftest import TWO_TEACHER_RECIPE
+
+FAST = ["-o", "train.epochs=1", "-o", "data.train_size=32"]  # two steps: seconds on a CPU
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def refused(result, message: str) -> None:
+    """Exit 2 and exactly one line, which holds ``message``."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run (and its recipe), shared: tests corrupt copies of it."""
+    root = tmp_path_factory.mktemp("finished")
+    recipe = root / "two.toml"
+    recipe.write_text(TWO_TEACHER_RECIPE)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(root / "run"), *FAST, "--allow-random-teachers"])
+    assert result.exit_code == 0, result.output
+    return recipe, root / "run"
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    recipe, run = finished
+    shutil.copytree(run, tmp_path / "run")
+    return recipe, tmp_path / "run"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[: 64] = bytes(range(200, 255)) + bytes(9)
+    path.write_bytes(bytes(data))
+
+
+# --- recipes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("through_extends", [False, True])
+def test_a_binary_recipe_or_extends_target_is_refused(through_extends, tmp_path, cli):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"PK\x03\x04\x80\x81\xfe\xff not a recipe")
+    recipe = binary
+    if through_extends:
+        recipe = tmp_path / "child.toml"
+        recipe.write_text('extends = "binary.toml"\n')
+    refused(cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers"), f"{binary}: not a text file")
+    assert not (tmp_path / "out").exists()
