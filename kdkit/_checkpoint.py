@@ -5,10 +5,11 @@ Training checkpoints hold only tensors and plain data, so ``torch.load(weights_o
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,11 +20,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors``, or a torch file holding one plainly or under model/state_dict."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise KdkitError(f"{path}: cannot read the weights ({reason(exc)}): the file is truncated or "
+                             "damaged; write or copy it again") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise KdkitError(f"{path}: cannot read weights: {exc}") from None
+        raise KdkitError(f"{path}: cannot read weights: {reason(exc)}") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -71,5 +76,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, keys: Iterable[str] = ()) -> dict:
+    """A training checkpoint holding ``keys``; a truncated, garbled or foreign file is refused naming it."""
+    again = "start the run again with --force, or put back a good copy"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise KdkitError(f"{path}: cannot read the checkpoint ({reason(exc)}): the file is truncated or damaged; "
+                         f"{again}") from None
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise KdkitError(f"{path}: not a kdkit training checkpoint (no {', '.join(missing)}); {again}")
+    return state
+
+
+def reason(exc: BaseException) -> str:
+    """The gist of a reader's exception, on one line (torch's weights-only refusal: its cause, not its advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        lines = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    return lines[0].split(". ")[0][:300] if lines else type(exc).__name__

@@ -168,6 +168,8 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
 
+    CHECKPOINT_KEYS = ("model", "optimizer", *TrainState.PLAIN, "summary", "plugins")  # what checkpoint() holds
+
     def checkpoint(self) -> dict:
         """The whole training state, the summary, and every plugin's ``kdkit_state_dict`` entries."""
         extra = {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kdkit._checkpoint import atomic_write
+from kdkit._checkpoint import atomic_write, reason
 from kdkit._errors import KdkitError
 from kdkit._model import DistillModel, build_distill_model
 
@@ -29,8 +29,17 @@ def is_export(path: str | Path) -> bool:
     path = export_path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        return META_KEY in (f.metadata() or {})
+    return META_KEY in _metadata(path)
+
+
+def _metadata(path: Path) -> dict:
+    """A safetensors file's metadata; a truncated or damaged file is refused, naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise KdkitError(f"{path}: cannot read the weights ({reason(exc)}): the file is truncated or damaged; "
+                         "train the run again (kdkit run --force) or put back a good copy") from None
 
 
 def save(path: Path, model: DistillModel, meta: dict) -> None:
@@ -43,8 +52,10 @@ def read_meta(path: str | Path) -> dict:
     path = export_path(path)
     if not is_export(path):
         raise KdkitError(f"{path}: not a kdkit export (a run directory or its {FILENAME})")
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()[META_KEY])
+    try:
+        return json.loads(_metadata(path)[META_KEY])
+    except ValueError as exc:
+        raise KdkitError(f"{path}: the kdkit metadata is not valid JSON ({exc}): the file is damaged") from None
 
 
 def load(path: str | Path, plugins=None) -> DistillModel:

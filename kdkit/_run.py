@@ -79,7 +79,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
         processes.on_main(lambda: check_resumable(rundir, recipe, allow_changes))
     else:
         processes.on_main(lambda: rundir.check_writable(force))
-    checkpoint = load_checkpoint(rundir.last) if resume else None
+    checkpoint = load_checkpoint(rundir.last, Trainer.CHECKPOINT_KEYS) if resume else None
     device = processes.device()
     parts = prepare(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console,
                     processes=processes)

@@ -69,3 +69,50 @@ def test_a_binary_recipe_or_extends_target_is_refused(through_extends, tmp_path,
         recipe.write_text('extends = "binary.toml"\n')
     refused(cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers"), f"{binary}: not a text file")
     assert not (tmp_path / "out").exists()
+
+
+# --- checkpoints and exports ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", [truncate, garble, lambda p: torch.save({"model": {}}, p)],
+                         ids=["truncated", "garbled", "missing-keys"])
+def test_a_damaged_last_checkpoint_is_refused_on_resume(damage, run_copy, cli):
+    recipe, run = run_copy
+    damage(run / "checkpoints" / "last.pt")
+    before = snapshot(run)
+    result = cli("run", recipe, "--out", run, "--resume", *FAST, "--allow-random-teachers")
+    refused(result, f"{run / 'checkpoints' / 'last.pt'}: ")
+    assert "--force" in result.output
+    if damage is not truncate and damage is not garble:
+        assert "not a kdkit training checkpoint (no optimizer, epoch" in result.output
+    assert snapshot(run) == before
+
+
+def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy, cli, tmp_path):
+    recipe, run = run_copy
+    export = run / "student.safetensors"
+    truncate(export)
+    before = snapshot(run)
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    message = f"{export}: cannot read the weights"
+    refused(cli("predict", run, image), message)
+    refused(cli("eval", run, "--allow-random-teachers"), message)
+    teacher = recipe.read_text().replace('model = "test_resnet"\n', "", 1).replace(
+        '[teachers.conv]\nplugin = "timm"\n', f'[teachers.conv]\ncheckpoint = "{export}"\n')
+    (tmp_path / "student_teacher.toml").write_text(teacher)
+    refused(cli("run", tmp_path / "student_teacher.toml", "--out", tmp_path / "out", *FAST,
+                "--allow-random-teachers"), message)
+    assert snapshot(run) == before and not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
+    from kdkit._checkpoint import read_state_dict
+    from kdkit._errors import KdkitError
+
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(run_copy[1] / "student.safetensors", weights)
+    truncate(weights)
+    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged"):
+        read_state_dict(weights)
