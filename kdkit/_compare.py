@@ -81,11 +81,22 @@ class Run:
     flags: list[str]
 
 
-def _read_summary(rundir: RunDir) -> dict:
-    try:
-        return rundir.read_summary()
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KdkitError(f"{rundir.summary}: cannot read the run's summary: {exc}") from None
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scores(value) -> bool:
+    """Top-1 per head or teacher."""
+    return isinstance(value, dict) and all(_is_number(v) for v in value.values())
+
+
+# What compare reads from a summary, and the type each value must have (a summary key may be missing).
+SUMMARY_TYPES = {"name": lambda v: isinstance(v, str), "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                 "status": lambda v: isinstance(v, str), "top1": _scores,
+                 **{key: lambda v: v is None or _scores(v) for key in ("test_top1", "teacher_top1")},
+                 **{key: lambda v: v is None or _is_number(v) for key in ("best_test_top1", "params", "flops",
+                                                                      "train_images_per_s", "infer_images_per_s",
+                                                                      "wall_s")}}
 
 
 def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
@@ -99,7 +110,12 @@ def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
         raise KdkitError(f"{path}: no such run directory")
     if not rundir.summary.is_file() or not rundir.recipe.is_file():
         raise KdkitError(f"{path}: not a run directory (it needs summary.json and recipe.toml)")
-    summary = _read_summary(rundir)
+    summary = rundir.read_summary()
+    wrong = [f"{key} = {json.dumps(summary[key])[:40]}" for key, ok in SUMMARY_TYPES.items()
+             if key in summary and not ok(summary[key])]
+    if wrong:
+        raise KdkitError(f"{rundir.summary}: not a kdkit summary (wrong type: {'; '.join(wrong)}); "
+                         "run it again (kdkit run --force) or leave it out")
     missing = [key for key in ("name", "seed", "status", "top1") if key not in summary]
     if not missing and summary["status"] != "completed":  # before its first epoch a run has no top1.eval yet
         raise KdkitError(f"{path}: the run is {summary['status']}, not completed: "

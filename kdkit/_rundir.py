@@ -10,7 +10,7 @@ import timm
 import torch
 
 import kdkit
-from kdkit._checkpoint import atomic_write
+from kdkit._checkpoint import atomic_write, reason
 from kdkit._errors import KdkitError
 
 
@@ -61,14 +61,20 @@ class RunDir:
         atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
     def read_summary(self) -> dict:
-        return json.loads(self.summary.read_text())
+        """The summary, a JSON object; a binary, garbled or foreign one is refused, naming the file."""
+        again = "run it again (kdkit run --force) or put back a good copy"
+        try:
+            summary = json.loads(self.summary.read_bytes())
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
+            raise KdkitError(f"{self.summary}: cannot read the run's summary ({reason(exc)}); {again}") from None
+        if not isinstance(summary, dict):
+            raise KdkitError(f"{self.summary}: not a kdkit summary (a JSON {type(summary).__name__}, not an object); "
+                             f"{again}")
+        return summary
 
     def status(self) -> str | None:
-        """The summary's status, or None when there is no readable summary."""
-        try:
-            return self.read_summary().get("status")
-        except (OSError, ValueError):
-            return None
+        """The summary's status, or None when there is no summary yet."""
+        return self.read_summary().get("status") if self.summary.is_file() else None
 
 
 def provenance(recipe_hash: str) -> dict:

@@ -116,3 +116,21 @@ def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
     truncate(weights)
     with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged"):
         read_state_dict(weights)
+
+
+# --- summaries --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x80\x81\x00\xff" * 8, "cannot read the run's summary"),
+    (b"[1, 2, 3]\n", "not a kdkit summary (a JSON list, not an object)"),
+    (None, "not a kdkit summary (wrong type: top1 = "),
+], ids=["binary", "list", "wrong-types"])
+def test_a_damaged_summary_is_refused_by_compare(content, message, run_copy, cli):
+    recipe, run = run_copy
+    summary = run / "summary.json"
+    if content is None:
+        content = json.dumps({**json.loads(summary.read_text()), "top1": 5}).encode()
+    summary.write_bytes(content)
+    before = snapshot(run)
+    refused(cli("compare", run), f"{summary}: {message}")
+    assert snapshot(run) == before
