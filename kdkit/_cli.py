@@ -218,16 +218,22 @@ def cache_build(
     recipe: Path = typer.Argument(..., help="The recipe TOML file (with a teacher_cache table)."),
     override: List[str] = typer.Option([], "-o", "--override", help="key.path=value (a TOML literal); repeatable."),
     allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
+    verify: bool = typer.Option(False, "--verify", help="Then check every chunk against the checksum recorded "
+                                "when it was written (training checks each chunk when it first reads it)."),
 ):
     """Run every teacher of RECIPE once on each training image's views and store the outputs (resumable)."""
     from kdkit._run import build_teacher_caches
 
     with reported():
-        caches = build_teacher_caches(recipe, override, allow_random_teachers=allow_random_teachers, console=err)
+        caches = build_teacher_caches(recipe, override, allow_random_teachers=allow_random_teachers, verify=verify,
+                                      console=err)
     for name, record in caches.items():
+        unverified = record.get("unverified_chunks")
+        checked = ("" if unverified is None else ", every chunk verified" if not unverified else
+                   f", {unverified} chunks built before checksums were recorded: not verified")
         typer.echo(f"{name}: {record['path']} ({record['images']} images x {record['views']} views, "
                    f"{record['bytes'] / 2**20:.1f} MiB, {record['bytes_per_image']:.0f} bytes per image, "
-                   f"{record['build_s']:.0f} s to build, summed over its chunks)")
+                   f"{record['build_s']:.0f} s to build, summed over its chunks{checked})")
 
 
 @app.command()

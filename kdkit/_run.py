@@ -120,8 +120,10 @@ def prepare(exp: Experiment, plugins: Plugins, device: torch.device, *, train_te
     return parts
 
 
-def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bool = False, console=None) -> dict:
-    """``kdkit cache build``: the recipe's teacher-output caches, built where missing; their records."""
+def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bool = False, verify: bool = False,
+                         console=None) -> dict:
+    """``kdkit cache build``: the recipe's teacher-output caches, built where missing; their records.
+    ``verify`` then checks every chunk's checksums (``unverified_chunks``: those built without any)."""
     plugins = default_plugins()
     exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
     if exp.teacher_cache is None:
@@ -130,7 +132,11 @@ def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bo
     console = console if processes.is_main else None
     parts = prepare(exp, plugins, processes.device(), train_teachers=True, progress=console is not None,
                     console=console, processes=processes)
-    return summary_of(parts.teacher_outputs)
+    records = summary_of(parts.teacher_outputs)
+    if verify:
+        for name, cache in parts.teacher_outputs.items():
+            records[name]["unverified_chunks"] = cache.verify()
+    return records
 
 
 def check_resumable(rundir: RunDir, recipe: Recipe, allow_changes: bool) -> None:

@@ -26,9 +26,14 @@ teachers' outputs are read instead of computed.
   that each land atomically, so a build resumes where it stopped, and several processes can build
   disjoint chunks (by global image index). Its ``key.json`` records everything the outputs depend
   on; a cache whose key differs from the run's is refused, naming what differs.
+- Integrity: at open, every array's header, shape and dtype must be the key's; each chunk's marker
+  records a checksum of its rows, checked when a process first reads that chunk (caches reach tens
+  of GB: not all at open), or of every chunk by ``kdkit cache build --verify``. Chunks built before
+  checksums were recorded are read unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +46,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from kdkit._checkpoint import atomic_write
+from kdkit._checkpoint import atomic_write, reason
 from kdkit._config import cache_root
 from kdkit._data import fingerprint, replay
 from kdkit._distributed import Processes
@@ -74,6 +79,7 @@ class TeacherOutputs:
                    "lse": ((images, self.views), np.float32)})
         self.files = {name: path / f"{name}.npy" for name in shapes}
         self.shapes = shapes
+        self.checked: set[int] = set()  # chunks whose checksums this process has compared
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -81,11 +87,14 @@ class TeacherOutputs:
         """Make the directory, the key and the arrays (sparse files), or check an existing one's key."""
         key_file = self.path / "key.json"
         if key_file.is_file():
-            existing = json.loads(key_file.read_text())
+            existing = self._read_json(key_file)
+            if not isinstance(existing, dict):
+                raise self._damaged(key_file, "not a JSON object")
             changes = diff_tables(existing, self.key)
             if changes:
                 raise KdkitError(f"{self.path}: this teacher-output cache was built for another setting: "
                                  f"{'; '.join(changes)}. Remove it, or set teacher_cache.root elsewhere")
+            self._map("r")  # the arrays' headers, shapes and dtypes
             return
         (self.path / "chunks").mkdir(parents=True, exist_ok=True)
         for name, (shape, dtype) in self.shapes.items():
@@ -103,7 +112,7 @@ class TeacherOutputs:
         """Store chunk ``chunk``'s logits, (images, views, classes) in fp32, then mark it done with the
         seconds it took to compute."""
         start = chunk * CHUNK
-        arrays = {name: np.lib.format.open_memmap(file, mode="r+") for name, file in self.files.items()}
+        arrays = self._map("r+")
         end = start + outputs.shape[0]
         if self.top_k:
             values, classes = outputs.topk(self.top_k, dim=-1)
@@ -114,8 +123,8 @@ class TeacherOutputs:
             arrays["logits"][start:end] = outputs.half().numpy()
         for array in arrays.values():
             array.flush()
-        marker = self.path / "chunks" / f"{chunk}.done"
-        atomic_write(marker, lambda tmp: tmp.write_text(f"{seconds:.3f}"))
+        record = {"seconds": round(seconds, 3), "blake2b": self._checksums(chunk, arrays)}
+        atomic_write(self._marker_file(chunk), lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
 
     def finish(self) -> None:
         """Mark the cache complete once every chunk is done (the main process, after all have built)."""
@@ -124,7 +133,7 @@ class TeacherOutputs:
             raise KdkitError(f"{self.path}: {len(missing)} chunks of the teacher-output cache are not built")
         size = sum(f.stat().st_size for f in self.files.values())
         # every chunk's time, whichever process or sitting built it (one process: the build's wall time)
-        build_s = sum(float((self.path / "chunks" / f"{c}.done").read_text() or 0) for c in range(self.chunks))
+        build_s = sum(self._marker(c)["seconds"] for c in range(self.chunks))
         record = {"images": self.images, "views": self.views, "top_k": self.top_k, "bytes": size,
                   "bytes_per_image": size / self.images, "build_s": round(build_s, 1)}
         atomic_write(self.path / "complete.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
@@ -132,12 +141,41 @@ class TeacherOutputs:
     # --- reading ----------------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.arrays = {name: np.load(file, mmap_mode="r") for name, file in self.files.items()}
+        """Map the arrays of a complete cache (checked against the key) and read its record."""
+        complete = self.path / "complete.json"
+        self.record = self._read_json(complete, "delete it; kdkit cache build --verify RECIPE checks the chunks "
+                                                "and writes it again")
+        expected = {"images": self.images, "views": self.views, "top_k": self.top_k}
+        if not isinstance(self.record, dict) or {k: self.record.get(k) for k in expected} != expected:
+            raise self._damaged(complete, f"does not record this cache's {expected}")
+        self.arrays = self._map("r")
+
+    def check_chunk(self, chunk: int) -> bool:
+        """Compare a chunk's rows with the checksums recorded when it was written; False when it has none
+        (built by a kdkit before checksums). A mismatch is refused, naming the arrays."""
+        expected = self._marker(chunk).get("blake2b")
+        if expected is None:
+            self.checked.add(chunk)
+            return False
+        found = self._checksums(chunk, self.arrays)
+        wrong = [name for name in self.files if found[name] != expected.get(name)]
+        if wrong:
+            rows = f"images {chunk * CHUNK}-{min((chunk + 1) * CHUNK, self.images) - 1}"
+            raise self._damaged(self.files[wrong[0]], f"chunk {chunk} ({rows}) does not match the checksum "
+                                f"recorded when it was written ({', '.join(wrong)})")
+        self.checked.add(chunk)
+        return True
+
+    def verify(self) -> int:
+        """Check every chunk's checksums; the number of chunks that have none (built before checksums)."""
+        return sum(not self.check_chunk(chunk) for chunk in range(self.chunks))
 
     def log_probs(self, indices: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         """What the loss gets as this teacher's logits for these (image, view) pairs, fp32 (B, classes):
         the stored logits, or for a top-k cache log-probabilities (the top k exact, the rest even)."""
         i, v = indices.numpy(), views.numpy()
+        for chunk in set((i // CHUNK).tolist()) - self.checked:
+            self.check_chunk(chunk)
         if not self.top_k:
             return torch.from_numpy(self.arrays["logits"][i, v].astype(np.float32))
         values = torch.from_numpy(self.arrays["values"][i, v].astype(np.float32))
@@ -146,6 +184,49 @@ class TeacherOutputs:
         rest = (1 - top.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / max(self.classes - self.top_k, 1)
         out = rest.log().expand(-1, self.classes).clone()
         return out.scatter_(-1, classes, top)
+
+    # --- integrity --------------------------------------------------------------------------------
+
+    def _map(self, mode: str) -> dict[str, np.memmap]:
+        """The arrays memory-mapped; a bad header, shape or dtype is refused, naming the file."""
+        arrays = {}
+        for name, (shape, dtype) in self.shapes.items():
+            try:
+                array = np.lib.format.open_memmap(self.files[name], mode=mode)
+            except (OSError, ValueError) as exc:  # truncated, a bad header, not an .npy file
+                raise self._damaged(self.files[name], f"cannot read the array ({reason(exc)})") from None
+            if array.shape != shape or array.dtype != dtype:
+                raise self._damaged(self.files[name], f"holds {array.dtype} {array.shape}, the key needs "
+                                    f"{np.dtype(dtype)} {shape}")
+            arrays[name] = array
+        return arrays
+
+    def _checksums(self, chunk: int, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+        rows = slice(chunk * CHUNK, min((chunk + 1) * CHUNK, self.images))
+        return {name: hashlib.blake2b(np.ascontiguousarray(array[rows]), digest_size=16).hexdigest()
+                for name, array in arrays.items()}
+
+    def _marker_file(self, chunk: int) -> Path:
+        return self.path / "chunks" / f"{chunk}.done"
+
+    def _marker(self, chunk: int) -> dict:
+        """A built chunk's record: its build seconds and checksums (an earlier kdkit wrote the seconds alone)."""
+        record = self._read_json(self._marker_file(chunk))
+        if isinstance(record, (int, float)) and not isinstance(record, bool):
+            return {"seconds": float(record)}
+        if not isinstance(record, dict) or not isinstance(record.get("seconds"), (int, float)):
+            raise self._damaged(self._marker_file(chunk), "not a chunk record")
+        return record
+
+    def _read_json(self, file: Path, fix: str = ""):
+        try:
+            return json.loads(file.read_bytes())
+        except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
+            raise self._damaged(file, f"cannot read it ({reason(exc)})", fix) from None
+
+    def _damaged(self, file: Path, what: str, fix: str = "") -> KdkitError:
+        fix = fix or f"remove {self.path} and build the cache again (kdkit cache build RECIPE)"
+        return KdkitError(f"{file}: {what}: the teacher-output cache is damaged; {fix}")
 
 
 def cache_key(exp, parts, name: str, teacher, views: int, top_k: int) -> dict:
@@ -252,6 +333,5 @@ def summary_of(caches: dict[str, TeacherOutputs]) -> dict:
     """What a run's summary records of the caches it read."""
     out = {}
     for name, cache in caches.items():
-        record = json.loads((cache.path / "complete.json").read_text())
-        out[name] = {"path": str(cache.path), **record}
+        out[name] = {"path": str(cache.path), **cache.record}
     return out

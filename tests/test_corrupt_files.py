@@ -7,13 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from kdkit import _teacher_cache
 from kdkit._cli import app
+from kdkit._errors import KdkitError
 
-from conftest import TWO_TEACHER_RECIPE
+from conftest import TWO_TEACHER_RECIPE, make_trainer
 
 FAST = ["-o", "train.epochs=1", "-o", "data.train_size=32"]  # two steps: seconds on a CPU
 
@@ -109,7 +112,6 @@ def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy
 
 def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
     from kdkit._checkpoint import read_state_dict
-    from kdkit._errors import KdkitError
 
     weights = tmp_path / "weights.safetensors"
     shutil.copy(run_copy[1] / "student.safetensors", weights)
@@ -134,3 +136,98 @@ def test_a_damaged_summary_is_refused_by_compare(content, message, run_copy, cli
     before = snapshot(run)
     refused(cli("compare", run), f"{summary}: {message}")
     assert snapshot(run) == before
+
+
+# --- teacher-output caches --------------------------------------------------------------------------
+
+CACHED = TWO_TEACHER_RECIPE.replace("train_size = 64", "train_size = 32") + """
+[teacher_cache]
+views = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """A recipe and its two teachers' caches (32 images x 3 views, chunks of 8), built once."""
+    root = tmp_path_factory.mktemp("cached")
+    recipe = root / "cached.toml"
+    recipe.write_text(CACHED)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDKIT_CACHE", str(root / "cache"))
+        patch.setattr(_teacher_cache, "CHUNK", 8)
+        result = CliRunner().invoke(app, ["cache", "build", str(recipe), "--allow-random-teachers"])
+    assert result.exit_code == 0, result.output
+    return recipe, root / "cache"
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path, monkeypatch):
+    """A copy of the built caches, in use: the recipe and the conv teacher's cache folder."""
+    recipe, cache = built_cache
+    shutil.copytree(cache, tmp_path / "cache")
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_teacher_cache, "CHUNK", 8)
+    [conv] = (tmp_path / "cache" / "teacher_outputs").glob("conv-*")
+    return recipe, conv
+
+
+def half_the_rows(path: Path) -> None:
+    np.save(path, np.load(path)[:16])
+
+
+def as_float64(path: Path) -> None:
+    np.save(path, np.load(path).astype(np.float64))
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("logits.npy", truncate, "logits.npy: cannot read the array"),
+    ("logits.npy", garble, "logits.npy: cannot read the array"),
+    ("logits.npy", half_the_rows, "logits.npy: holds float16 (16, 3, 4), the key needs float16 (32, 3, 4)"),
+    ("logits.npy", as_float64, "logits.npy: holds float64 (32, 3, 4), the key needs float16 (32, 3, 4)"),
+    ("key.json", garble, "key.json: cannot read it"),
+    ("complete.json", truncate, "complete.json: cannot read it"),
+    ("chunks/3.done", garble, "3.done: cannot read it"),
+], ids=["truncated", "bad-header", "half-the-rows", "float64", "key", "complete", "chunk-marker"])
+def test_a_damaged_cache_is_refused_in_one_line(file, damage, message, cache, cli, tmp_path):
+    recipe, conv = cache
+    damage(conv / file)
+    before = snapshot(conv.parent)
+    verb = "run" if file != "chunks/3.done" else "cache"  # a chunk marker is read when the chunk is checked
+    args = (["run", recipe, "--out", tmp_path / "out"] if verb == "run" else ["cache", "build", recipe, "--verify"])
+    result = cli(*args, "--allow-random-teachers")
+    refused(result, message)
+    assert "the teacher-output cache is damaged" in result.output
+    assert snapshot(conv.parent) == before and not (tmp_path / "out").exists()
+
+
+def test_a_chunk_that_does_not_match_its_checksum_is_refused(cache, cli):
+    recipe, conv = cache
+    verified = cli("cache", "build", recipe, "--verify", "--allow-random-teachers")
+    assert verified.exit_code == 0 and "every chunk verified" in verified.output, verified.output
+    flip_last_byte(conv / "logits.npy")  # a value of the last image: chunk 3
+    before = snapshot(conv.parent)
+    message = "logits.npy: chunk 3 (images 24-31) does not match the checksum recorded when it was written (logits)"
+    refused(cli("cache", "build", recipe, "--verify", "--allow-random-teachers"), message)
+    trainer = make_trainer(recipe)  # opening does not read every chunk: a first read of each does
+    trainer.cached_teacher_logits(torch.tensor([0, 9]), torch.tensor([0, 2]), 1.0)
+    with pytest.raises(KdkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        trainer.cached_teacher_logits(torch.tensor([1, 31]), torch.tensor([0, 1]), 1.0)
+    assert snapshot(conv.parent) == before
+
+
+def test_a_cache_built_before_checksums_stays_readable(cache, cli):
+    recipe, conv = cache
+    expected = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)
+    for marker in (conv / "chunks").glob("*.done"):  # what an earlier kdkit wrote: the seconds alone
+        marker.write_text(f"{json.loads(marker.read_text())['seconds']:.3f}")
+    result = cli("cache", "build", recipe, "--verify", "--allow-random-teachers")
+    assert result.exit_code == 0, result.output
+    assert "conv: " in result.output and "4 chunks built before checksums were recorded: not verified" in result.output
+    cached = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)
+    torch.testing.assert_close(cached, expected, rtol=0, atol=0)
