@@ -90,6 +90,18 @@ def load_checkpoint(path: Path, keys: Iterable[str] = ()) -> dict:
     return state
 
 
+def check_fits(model: nn.Module, state: object, path: str | Path) -> None:
+    """Refuse a checkpoint's weights whose names or shapes are not ``model``'s own, before anything is loaded."""
+    expected = model.state_dict()
+    found = state if isinstance(state, dict) else {}
+    wrong = sorted(key for key in expected.keys() | found.keys() if key not in expected or key not in found
+                   or not isinstance(found[key], torch.Tensor) or found[key].shape != expected[key].shape)
+    if wrong:
+        raise KdkitError(f"{path}: the checkpoint's weights do not fit the run's model ({len(wrong)} tensors differ: "
+                         f"{', '.join(wrong[:5])}{'...' if len(wrong) > 5 else ''}); start the run again with "
+                         "--force, or put back a good copy")
+
+
 def reason(exc: BaseException) -> str:
     """The gist of a reader's exception, on one line (torch's weights-only refusal: its cause, not its advice)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdkit._checkpoint import load_checkpoint
+from kdkit._checkpoint import check_fits, load_checkpoint
 from kdkit._config import RUN_CALLBACKS, cache_root
 from kdkit._distributed import Processes
 from kdkit._distributed import processes as current_processes
@@ -93,6 +93,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
         processes.on_main(lambda: rundir.create(recipe.to_toml()))
     else:
         check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
+        check_fits(parts.model, checkpoint["model"], rundir.last)
         processes.on_main(lambda: rundir.write_recipe(recipe.to_toml()))
     try:
         with plugins.joined(callbacks):

@@ -76,17 +76,30 @@ def test_a_binary_recipe_or_extends_target_is_refused(through_extends, tmp_path,
 
 # --- checkpoints and exports ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage", [truncate, garble, lambda p: torch.save({"model": {}}, p)],
-                         ids=["truncated", "garbled", "missing-keys"])
-def test_a_damaged_last_checkpoint_is_refused_on_resume(damage, run_copy, cli):
+def without_keys(path: Path) -> None:
+    torch.save({"model": {}}, path)
+
+
+def with_other_shapes(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(3, 3)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate, "cannot read the checkpoint (PytorchStreamReader failed reading zip archive"),
+    (garble, "cannot read the checkpoint ("),
+    (without_keys, "not a kdkit training checkpoint (no optimizer, epoch"),
+    (with_other_shapes, "the checkpoint's weights do not fit the run's model (1 tensors differ"),
+], ids=["truncated", "garbled", "missing-keys", "other-shapes"])
+def test_a_damaged_last_checkpoint_is_refused_on_resume(damage, message, run_copy, cli):
     recipe, run = run_copy
     damage(run / "checkpoints" / "last.pt")
     before = snapshot(run)
     result = cli("run", recipe, "--out", run, "--resume", *FAST, "--allow-random-teachers")
-    refused(result, f"{run / 'checkpoints' / 'last.pt'}: ")
+    refused(result, f"{run / 'checkpoints' / 'last.pt'}: {message}")
     assert "--force" in result.output
-    if damage is not truncate and damage is not garble:
-        assert "not a kdkit training checkpoint (no optimizer, epoch" in result.output
     assert snapshot(run) == before
 
 
