@@ -309,7 +309,11 @@ def _decoded(source: Path) -> dict:
     """The arrays of an image tree or archive: decoded the first time, memory-mapped from the cache after."""
     cache = _cache_dir() / f"{source.name.split('.')[0]}-{_fingerprint(source)}.pt"
     if cache.is_file():
-        return torch.load(cache, mmap=True, weights_only=True)
+        try:
+            return torch.load(cache, mmap=True, weights_only=True)
+        except Exception as exc:  # truncated or damaged: torch raises several kinds
+            raise KdkitError(f"{cache}: cannot read the decoded-data cache ({type(exc).__name__}): the file is "
+                             "truncated or damaged; remove it and the data is decoded again") from None
     arrays = _decode_tree(source)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,28 @@ def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
         read_state_dict(weights)
 
 
+def test_a_damaged_decoded_data_cache_is_refused(write_recipe, cli, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kdkit_plugins import datasets
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (tmp_path / "tree" / split / label).mkdir(parents=True)
+            for i in range(16):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "tree" / split / label / f"{i}.png")
+    datasets.cifar10(root=str(tmp_path / "tree"), image_size=32, augment=datasets.AugmentConfig(), num_classes=0)
+    [decoded] = (tmp_path / "cache" / "decoded").glob("*.pt")
+    truncate(decoded)
+    before = snapshot(tmp_path / "cache")
+    recipe = write_recipe(TWO_TEACHER_RECIPE.replace("train_size = 64\nval_size = 32\n", ""))
+    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers", "-o", "data.dataset=cifar10",
+                 "-o", f"data.root={tmp_path / 'tree'}", "-o", "data.num_classes=0")
+    refused(result, f"{decoded}: cannot read the decoded-data cache")
+    assert snapshot(tmp_path / "cache") == before and not (tmp_path / "out").exists()
+
+
 # --- summaries --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, message", [
