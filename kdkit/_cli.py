@@ -174,6 +174,7 @@ def compare(
                       highlight=False)
         rows = C.summarize(found)
         differences = C.paired_differences(rows, baseline) if baseline else []
+        curves = C.validation_curves(found) if curves_file else {}  # read before anything is written
         if markdown:
             output_path(markdown).write_text(C.to_markdown(rows, differences))
         if csv_file:
@@ -181,7 +182,7 @@ def compare(
         if plot_file:
             C.plot(rows, output_path(plot_file))
         if curves_file:
-            C.plot_curves(found, output_path(curves_file))
+            C.plot_curves(curves, output_path(curves_file))
     console = Console(width=COMPARE_WIDTH)
     for table in C.tables(rows, differences):
         console.print(_table(table))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kdkit
+from kdkit._checkpoint import reason
 from kdkit._errors import KdkitError, did_you_mean
 from kdkit._recipe import Recipe, load_recipe
 from kdkit._rundir import RunDir, default_run_dir
@@ -536,19 +537,32 @@ def validation_curves(runs: list[Run]) -> dict[str, dict[int, list[float]]]:
     out: dict[str, dict[int, list[float]]] = {}
     for run in runs:
         epochs = out.setdefault(run.summary["name"], {})
-        for line in RunDir(run.path).metrics.read_text().splitlines():
-            row = json.loads(line)
-            epochs.setdefault(row["epoch"], []).append(row["top1"]["eval"])
+        for epoch, top1 in _epoch_top1(RunDir(run.path).metrics):
+            epochs.setdefault(epoch, []).append(top1)
     return out
 
 
-def plot_curves(runs: list[Run], path: str | Path) -> None:
-    """A PNG of each recipe's validation top-1 after every epoch: the mean over seeds and their range."""
+def _epoch_top1(path: Path) -> list[tuple[int, float]]:
+    """(epoch, eval top-1) of every line of a run's metrics.jsonl; a garbled one is refused, naming it."""
+    try:
+        rows = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        points = [(row["epoch"], row["top1"]["eval"]) for row in rows]
+    except (OSError, ValueError, LookupError, TypeError) as exc:  # unreadable, not JSON, keys missing
+        problem = f"no {exc}" if isinstance(exc, LookupError) else reason(exc)
+        raise KdkitError(f"{path}: cannot read the run's per-epoch metrics ({problem}); --curves needs them") from None
+    if not all(isinstance(epoch, int) and _is_number(top1) for epoch, top1 in points):
+        raise KdkitError(f"{path}: not kdkit metrics (an epoch or top1.eval of the wrong type); --curves needs them")
+    return points
+
+
+def plot_curves(curves: dict[str, dict[int, list[float]]], path: str | Path) -> None:
+    """A PNG of each recipe's validation top-1 after every epoch (``validation_curves``): the mean over seeds
+    and their range."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for name, epochs in validation_curves(runs).items():
+    for name, epochs in curves.items():
         x = sorted(epochs)
         seeds = max(len(values) for values in epochs.values())
         line, = ax.plot(x, [statistics.fmean(epochs[e]) for e in x], label=f"{name} ({seeds} seeds)")

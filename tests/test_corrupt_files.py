@@ -266,3 +266,19 @@ def test_a_cache_built_before_checksums_stays_readable(cache, cli):
     assert "conv: " in result.output and "4 chunks built before checksums were recorded: not verified" in result.output
     cached = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)
     torch.testing.assert_close(cached, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x80\x81\x00\xff\n", "cannot read the run's per-epoch metrics ("),
+    (b'{"epoch": 1}\n', "cannot read the run's per-epoch metrics (no 'top1')"),
+    (b'{"epoch": "one", "top1": {"eval": 50.0}}\n', "not kdkit metrics (an epoch or top1.eval of the wrong type)"),
+], ids=["binary", "missing-key", "wrong-type"])
+def test_damaged_metrics_are_refused_by_compare_curves_before_anything_is_written(content, message, run_copy, cli,
+                                                                                 tmp_path):
+    recipe, run = run_copy
+    (run / "metrics.jsonl").write_bytes(content)
+    before = snapshot(run)
+    result = cli("compare", run, "--markdown", tmp_path / "t.md", "--curves", tmp_path / "curves.png")
+    refused(result, f"{run / 'metrics.jsonl'}: {message}")
+    assert snapshot(run) == before and not (tmp_path / "t.md").exists() and not (tmp_path / "curves.png").exists()
+
