@@ -39,3 +39,18 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class UnreadableImage(KdkitError):
+    """An image file that cannot be decoded (empty, truncated, not an image, over the pixel limit); the
+    message names it. Before a run starts it is bad input (exit 2); met while training, the engine turns
+    it into ``RunFailed``.
+
+    A DataLoader worker's exception reaches the main process rebuilt from its traceback's text, whose
+    last line is ``kdkit._errors.UnreadableImage: <message>``: the message is taken back from there.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition("UnreadableImage: ")[2]
+        super().__init__(message)

@@ -4,12 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from kdkit._config import AugmentConfig
 from kdkit._data import build_transforms
-from kdkit._errors import KdkitError
 from kdkit._export import load
+from kdkit._images import read_image
 
 
 def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> list[tuple[Path, list]]:
@@ -21,12 +20,8 @@ def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> l
     mode = "L" if meta["in_chans"] == 1 else "RGB"
     results = []
     for path in images:
-        try:
-            image = Image.open(path).convert(mode)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise KdkitError(f"{path}: cannot read the image: {exc}") from None
         with torch.no_grad():
-            probs = model.predict(transform(image).unsqueeze(0)).softmax(-1)[0]
+            probs = model.predict(transform(read_image(path, mode)).unsqueeze(0)).softmax(-1)[0]
         values, indices = probs.topk(min(top, len(probs)))
         results.append((path, [(meta["class_names"][i], v.item()) for v, i in zip(values, indices.tolist())]))
     return results

@@ -8,7 +8,8 @@ every other core module is private (its name starts with an underscore) and may 
 - errors: raise ``KdkitError`` for bad input (exit 2) and ``RunFailed`` when a run cannot go on (exit 1).
 - data: ``DatasetSplits`` (what a dataset plugin returns), ``build_transforms`` and
   ``AugmentConfig`` (so ``[augment]`` applies), ``fingerprint`` (a content hash for
-  ``DatasetSplits.fingerprint``), ``cache_root`` and ``default_data_root``.
+  ``DatasetSplits.fingerprint``), ``cache_root`` and ``default_data_root``, ``read_image`` (one image
+  file decoded, or ``UnreadableImage`` naming it).
 - models and losses: ``PooledStudent`` (a CNN's pooled features as the student embedding
   ``pool``), ``teacher_log_probs`` (several teachers combined, as ``kl`` does it), ``traced_shape``
   (for ``kdkit_flop_rules``: the shape of an operator's traced input or output).
@@ -19,16 +20,17 @@ from kdkit._checkpoint import save_checkpoint
 from kdkit._config import AugmentConfig, cache_root, default_data_root
 from kdkit._data import DatasetSplits, build_transforms, fingerprint
 from kdkit._engine import Trainer
-from kdkit._errors import KdkitError, RunFailed, did_you_mean
+from kdkit._errors import KdkitError, RunFailed, UnreadableImage, did_you_mean
 from kdkit._export import save as save_export
 from kdkit._flops import traced_shape
 from kdkit._hookspecs import hookimpl
+from kdkit._images import read_image
 from kdkit._model import PooledStudent
 from kdkit._rundir import RunDir
 from kdkit._teacher import teacher_log_probs
 
 __all__ = [
     "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "RunDir", "RunFailed", "Trainer",
-    "build_transforms", "cache_root", "default_data_root", "did_you_mean", "fingerprint", "hookimpl", "save_checkpoint",
-    "save_export", "teacher_log_probs", "traced_shape",
+    "UnreadableImage", "build_transforms", "cache_root", "default_data_root", "did_you_mean", "fingerprint",
+    "hookimpl", "read_image", "save_checkpoint", "save_export", "teacher_log_probs", "traced_shape",
 ]

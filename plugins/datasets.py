@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import struct
 import tarfile
@@ -24,7 +23,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kdkit.api import (AugmentConfig, DatasetSplits, KdkitError, build_transforms, cache_root, default_data_root,
-                       fingerprint, hookimpl)
+                       fingerprint, hookimpl, read_image)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -143,11 +142,12 @@ def fashion_mnist(*, root: str, image_size: int, augment: AugmentConfig, num_cla
 
 
 class SelectedImageFolder(tv_datasets.ImageFolder):
-    """ImageFolder restricted to the class folders ``keep`` names (all of them must exist)."""
+    """ImageFolder restricted to the class folders ``keep`` names (all of them must exist), reading each
+    image with ``read_image`` (an unreadable one is named)."""
 
     def __init__(self, root: str, transform, keep: list[str] | None):
         self.keep = keep
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=read_image)
 
     def find_classes(self, directory):
         classes, _ = super().find_classes(directory)
@@ -360,11 +360,6 @@ def _image_files(source: Path):
                 yield parts[-3], parts[-2], parts[-1], tar.extractfile(member).read()
 
 
-def _decode_rgb(data: bytes) -> np.ndarray:
-    """An HWC uint8 RGB array (PIL: torchvision.io's decoders are deprecated since 0.29)."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
 def _decode_tree(source: Path) -> dict:
     """Decode every image; classes are the sorted train folder names, files sorted within a class."""
     found = {split: [] for split in SPLITS}
@@ -380,7 +375,9 @@ def _decode_tree(source: Path) -> dict:
         if unknown:
             raise KdkitError(f"{source}: classes {unknown} are in {split}/ but not in train/")
         items.sort(key=lambda item: item[:2])
-        images = [_decode_rgb(data) for _, _, data in items]
+        # HWC uint8 RGB arrays (PIL: torchvision.io's decoders are deprecated since 0.29)
+        images = [np.asarray(read_image(data, name=f"{source}: {split}/{label}/{name}"))
+                  for label, name, data in items]
         sizes = sorted({tuple(image.shape[:2]) for image in images})
         if len(sizes) > 1:
             raise KdkitError(f"{source}: the {split} images differ in size ({sizes[:3]}...); the in-memory "
