@@ -73,7 +73,7 @@ def run(
                                        "with --seeds, OUT/seed<seed>)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: one run each, "
                                         "the recipe's seed overridden."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing non-empty run directory."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing kdkit run directory (never another folder)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory from its "
                                 "checkpoints/last.pt (the end of an epoch, or where a signal stopped it)."),
     allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept a recipe or teacher "

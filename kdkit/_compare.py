@@ -194,8 +194,7 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
     todo = [p for p in plans if p.recipe is not None and RunDir(p.path).status() != "completed"]
     for plan in todo:
         resolve(plan.recipe, allow_random_teachers=allow_random_teachers)
-        rundir = RunDir(plan.path)
-        rundir.check_writable(force=rundir.summary.is_file())  # only a kdkit run is ever overwritten
+        RunDir(plan.path).check_writable(force=True)  # only a kdkit run, and one no other process writes
     if jobs > 1 and todo:
         stages = train_in_stages(todo, jobs, console, allow_random_teachers=allow_random_teachers,
                                  allow_weak_teachers=allow_weak_teachers)

@@ -15,6 +15,7 @@ from kdkit._errors import RecipeError, did_you_mean
 from kdkit._model import PREDICTIONS
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe
+from kdkit._rundir import check_name
 from kdkit._schema import accepts, check_table, conform, type_name
 from kdkit._teacher_cache import CacheSettings
 
@@ -144,6 +145,8 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
             raise recipe.error(key, f"unknown top-level key{did_you_mean(key, C.TOP_LEVEL_KEYS)}; "
                                f"valid: {', '.join(sorted(C.TOP_LEVEL_KEYS))}")
     name = _typed(recipe, "name", t.get("name"), str, recipe.path.stem)
+    if why := check_name(name):
+        raise recipe.error("name", why)
     seed = _typed(recipe, "seed", t.get("seed"), int, 0)
 
     data_table = _table(recipe, "data", t.get("data"))

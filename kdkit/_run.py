@@ -97,7 +97,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     else:
         check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
         check_fits(parts.model, checkpoint["model"], rundir.last)
-        processes.on_main(lambda: rundir.write_recipe(recipe.to_toml()))
+        processes.on_main(lambda: rundir.reopen(recipe.to_toml()))
     try:
         with plugins.joined(callbacks):
             if checkpoint is not None:
@@ -105,13 +105,17 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
             trainer.fit()
     finally:
         processes.barrier()  # rank 0 has written everything (the export) before any process goes on
+        if processes.is_main:
+            rundir.release()
     return rundir.path
 
 
 def prepare(exp: Experiment, plugins: Plugins, device: torch.device, *, train_teachers: bool, caches: bool = True,
-            progress: bool = False, console=None, processes: Processes = Processes()) -> Parts:
+            progress: bool = False, console=None, processes: Processes = Processes(),
+            wait_for_caches: bool = True) -> Parts:
     """Every part of ``exp``, built as every run builds it: the student (seeded first), then the teachers
-    (trained by their recipes first where missing), then their output caches (built first where missing)."""
+    (trained by their recipes first where missing), then their output caches (built first where missing;
+    one that another process builds is waited for, unless ``wait_for_caches`` is false: then refused)."""
     torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
     parts = build_parts(exp, plugins, device, processes)
     with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
@@ -120,7 +124,8 @@ def prepare(exp: Experiment, plugins: Plugins, device: torch.device, *, train_te
     parts.teachers = build_teachers(exp, plugins, parts, device)
     if exp.teacher_cache and caches:
         parts.teacher_outputs = open_caches(exp, parts, device, processes=processes,
-                                            progress=BuildProgress(console) if console else None)
+                                            progress=BuildProgress(console) if console else None,
+                                            waiting=say(console) if wait_for_caches else None)
     return parts
 
 
@@ -135,7 +140,7 @@ def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bo
     processes = current_processes()
     console = console if processes.is_main else None
     parts = prepare(exp, plugins, processes.device(), train_teachers=True, progress=console is not None,
-                    console=console, processes=processes)
+                    console=console, processes=processes, wait_for_caches=False)
     records = summary_of(parts.teacher_outputs)
     if verify:
         for name, cache in parts.teacher_outputs.items():
@@ -144,7 +149,8 @@ def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bo
 
 
 def check_resumable(rundir: RunDir, recipe: Recipe, allow_changes: bool) -> None:
-    """The run has a ``last.pt`` and its recipe is this one (or changes are allowed)."""
+    """The run has a ``last.pt``, its recipe is this one (or changes are allowed), and no other process writes it."""
+    rundir.check_free()
     if not rundir.recipe.is_file():
         raise KdkitError(f"{rundir.path}: nothing to resume (no run directory with a recipe.toml there)")
     if not rundir.last.is_file():
@@ -225,6 +231,14 @@ def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes
             if processes.is_main or not getattr(callback, "main_process_only", False)}
 
 
+def say(console):
+    """A lock's ``waiting`` callback: the message goes to ``console``, when there is one."""
+    def waiting(message: str) -> None:
+        if console is not None:
+            console.print(message, markup=False, highlight=False)
+    return waiting
+
+
 def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
     """Where the teacher trained by ``recipe`` is cached: keyed by the resolved recipe and the identity of
     its data (``DatasetSplits.identity``), so a teacher trained on other data is never reused."""
@@ -237,6 +251,7 @@ def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, 
                     console=None, processes: Processes = Processes()) -> None:
     """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run.
 
+    A teacher that another process is training is waited for (its run directory's lock), then reused.
     Under torchrun the same processes train it, data-parallel, as its own run (rank 0 decides what to do).
     """
     for name, spec in exp.teachers.items():
@@ -244,13 +259,22 @@ def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, 
             continue
         out = teacher_run_dir(spec.recipe, plugins)
         rundir = RunDir(out)
-        status, resume = processes.on_main(lambda: (rundir.status(), rundir.last.is_file()))
-        if status != "completed":
-            if not train_teachers:
-                raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
-                                       "or unfinished); run without --no-train-teachers to train it")
-            if console is not None:
-                console.print(f"[bold]{'resuming' if resume else 'training'} teacher {name!r}[/] from "
-                              f"{spec.recipe.path} in {out}")
-            run(spec.recipe.path, out=out, force=not resume, resume=resume, progress=progress, console=console)
+        if processes.on_main(rundir.status) == "completed":
+            spec.checkpoint = str(out)
+            continue
+        if not train_teachers:
+            raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
+                                   "or unfinished); run without --no-train-teachers to train it")
+        processes.on_main(lambda: rundir.claim(waiting=say(console)))
+        try:
+            status, resume = processes.on_main(lambda: (rundir.status(), rundir.last.is_file()))
+            if status != "completed":
+                if console is not None:
+                    console.print(f"[bold]{'resuming' if resume else 'training'} teacher {name!r}[/] from "
+                                  f"{spec.recipe.path} in {out}")
+                run(spec.recipe.path, out=out, force=not resume, resume=resume, progress=progress,
+                    console=console)
+        finally:
+            if processes.is_main:
+                rundir.release()
         spec.checkpoint = str(out)

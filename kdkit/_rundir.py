@@ -1,7 +1,14 @@
-"""The run directory: resolved recipe, per-epoch metrics, summary, checkpoints and the export."""
+"""The run directory: resolved recipe, per-epoch metrics, summary, checkpoints and the export.
+
+kdkit deletes only what it wrote: a run directory carries a marker (written first, atomically) that
+kdkit made it, and ``--force`` empties only a directory with the marker, an empty one, or a run of an
+earlier kdkit (``recipe.toml`` and ``summary.json`` or ``checkpoints/``). One process writes a run
+directory at a time: the one holding its lock (``kdkit._lock``).
+"""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,13 +17,31 @@ import timm
 import torch
 
 import kdkit
+from kdkit import _lock
 from kdkit._checkpoint import atomic_write, reason
 from kdkit._errors import KdkitError
+
+MARKER = ".kdkit-run"  # "kdkit made this directory": what --force asks before emptying one
+
+# A run's name is one folder name (runs/<name>/seed<N>, $KDKIT_CACHE/teachers/<name>-<hash>): letters,
+# digits, '.', '_' and '-', starting with a letter, digit or '_' (never '.', '..' or a hidden folder).
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name: str) -> str | None:
+    """Why ``name`` cannot name a run's folder, or None when it can."""
+    if NAME.fullmatch(name):
+        return None
+    return (f"{name!r} cannot name the run's folder: use 1 to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter, digit or '_'")
 
 
 def default_run_dir(recipe, root: str | Path = "runs") -> Path:
     """``root/<name>/seed<seed>``: where ``kdkit run`` puts a run without ``--out``."""
-    return Path(root) / str(recipe.table["name"]) / f"seed{recipe.table.get('seed', 0)}"
+    name = str(recipe.table["name"])
+    if why := check_name(name):
+        raise recipe.error("name", why)
+    return Path(root) / name / f"seed{recipe.table.get('seed', 0)}"
 
 
 class RunDir:
@@ -30,20 +55,65 @@ class RunDir:
         self.last = self.path / "checkpoints" / "last.pt"
         self.best = self.path / "checkpoints" / "best.pt"
         self.export = self.path / "student.safetensors"
+        self.marker = self.path / MARKER
 
     def check_writable(self, force: bool) -> None:
-        """Refuse an existing non-empty run directory unless ``force``; nothing is touched here."""
+        """Refuse an existing non-empty run directory unless ``force`` and it is a kdkit run, and one that
+        another process writes; nothing is touched here."""
         if self.path.exists() and not self.path.is_dir():
             raise KdkitError(f"{self.path}: exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not force:
             raise KdkitError(f"{self.path}: the run directory exists and is not empty "
                              "(--resume continues it, --force overwrites it, --out chooses another)")
+        self.check_owned()
+        self.check_free()
+
+    def check_owned(self) -> None:
+        """Refuse a directory kdkit may not empty: not empty, no marker, and not a run of an earlier kdkit."""
+        if not self.path.is_dir() or self.marker.is_file() or not any(self.path.iterdir()):
+            return
+        if self.recipe.is_file() and (self.summary.is_file() or self.last.parent.is_dir()):
+            return  # a run written before the marker existed
+        raise KdkitError(f"{self.path}: not a kdkit run directory (no {MARKER} marker), so kdkit will not "
+                         "overwrite it, even with --force: remove it yourself or choose another --out")
+
+    def check_free(self) -> None:
+        """Refuse a run directory that another process is writing (it holds the lock)."""
+        holder = _lock.holder(self.path)
+        if holder:
+            raise KdkitError(f"{self.path}: in use by another kdkit process ({holder}); "
+                             "wait for it to finish, or choose another --out")
+
+    def claim(self, waiting=None) -> None:
+        """Make this process the directory's one writer before it writes anything: a directory kdkit
+        may own (created if missing), marked as kdkit's, then locked (``kdkit._lock.acquire``: held
+        elsewhere, refused or, with ``waiting``, waited for). ``release`` gives it back."""
+        self.check_owned()
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.marker.is_file():
+            atomic_write(self.marker, lambda tmp: tmp.write_text(f"kdkit {kdkit.__version__} run directory\n"))
+        _lock.acquire(self.path, waiting)
+
+    def release(self) -> None:
+        _lock.release(self.path)
 
     def create(self, recipe_text: str) -> None:
-        """A new run: an empty directory (a forced one emptied first) holding the resolved recipe."""
-        if self.path.is_dir():
-            shutil.rmtree(self.path)
-        (self.path / "checkpoints").mkdir(parents=True)
+        """A new run: the directory claimed, emptied of an earlier run (but its marker and lock), holding
+        the resolved recipe."""
+        self.claim()
+        for entry in self.path.iterdir():
+            if entry.name in (MARKER, _lock.LOCK_FILE):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (self.path / "checkpoints").mkdir()
+        self.write_recipe(recipe_text)
+
+    def reopen(self, recipe_text: str) -> None:
+        """A resumed run: the directory claimed, its recipe rewritten (``--allow-changes`` may change it)."""
+        self.claim()
         self.write_recipe(recipe_text)
 
     def write_recipe(self, recipe_text: str) -> None:

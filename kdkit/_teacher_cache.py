@@ -46,6 +46,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
+from kdkit import _lock
 from kdkit._checkpoint import atomic_write, reason
 from kdkit._config import cache_root
 from kdkit._data import fingerprint, replay
@@ -82,6 +83,14 @@ class TeacherOutputs:
         self.checked: set[int] = set()  # chunks whose checksums this process has compared
 
     # --- building ---------------------------------------------------------------------------------
+
+    def lock(self, waiting=None) -> None:
+        """Make this process the cache's one builder (``kdkit._lock.acquire``), its folder created first."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        _lock.acquire(self.path, waiting)
+
+    def unlock(self) -> None:
+        _lock.release(self.path)
 
     def create(self) -> None:
         """Make the directory, the key and the arrays (sparse files), or check an existing one's key."""
@@ -254,10 +263,12 @@ def views_of(exp) -> int:
 
 
 def open_caches(exp, parts, device, *, build: bool = True, processes: Processes = Processes(),
-                progress=None) -> dict[str, TeacherOutputs]:
+                progress=None, waiting=None) -> dict[str, TeacherOutputs]:
     """Every needed teacher's cache, built first where missing or unfinished (unless ``build`` is false).
 
-    Several processes build it together: each its share of the chunks (by global image index).
+    Several processes build it together: each its share of the chunks (by global image index), under
+    the lock that rank 0 holds on the cache's folder. A cache another command is building is refused,
+    or with ``waiting`` (``kdkit._lock.acquire``'s) waited for, then reused.
     """
     settings: CacheSettings = exp.teacher_cache
     root = Path(settings.root) if settings.root else cache_root() / "teacher_outputs"
@@ -270,12 +281,18 @@ def open_caches(exp, parts, device, *, build: bool = True, processes: Processes 
             if not build:
                 raise KdkitError(f"{cache.path}: the teacher-output cache of {name!r} is not built yet "
                                  "(kdkit cache build RECIPE builds it)")
-            processes.on_main(cache.create)
-            build_cache(cache, exp, parts, teacher, device, rank=processes.rank, world=processes.world,
-                        progress=progress)
-            processes.barrier()
-            if not cache.complete:
-                processes.on_main(lambda: cache.finish())
+            processes.on_main(lambda: cache.lock(waiting))
+            try:
+                processes.on_main(cache.create)  # or checks the key of one built while this process waited
+                if not cache.complete:
+                    build_cache(cache, exp, parts, teacher, device, rank=processes.rank, world=processes.world,
+                                progress=progress)
+                    processes.barrier()
+                    if not cache.complete:
+                        processes.on_main(lambda: cache.finish())
+            finally:
+                if processes.is_main:
+                    cache.unlock()
         else:
             cache.create()  # checks the key
         cache.open()

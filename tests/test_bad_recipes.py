@@ -63,6 +63,7 @@ def existing_run(tmp_path):
     """A run directory that a bad command must leave exactly as it is."""
     out = tmp_path / "existing"
     (out / "checkpoints").mkdir(parents=True)
+    (out / "recipe.toml").write_text('name = "existing"\n')
     (out / "summary.json").write_text('{"status": "completed"}\n')
     (out / "checkpoints" / "last.pt").write_bytes(b"weights")
     return out

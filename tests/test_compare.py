@@ -191,7 +191,7 @@ def test_bad_input_exits_2(seed_runs, cli, tmp_path):
         (recipe, namesake, "--runs", tmp_path / "runs"): "both name their runs 'two'",
         (*dirs, "--seeds", "0,x"): "expected comma-separated integers",
         (*dirs, "--baseline", "tw"): "no such recipe in the comparison (did you mean: two?)",
-        (recipe, "--runs", tmp_path / "runs", "--allow-random-teachers"): "exists and is not empty",
+        (recipe, "--runs", tmp_path / "runs", "--allow-random-teachers"): "not a kdkit run directory",
     }
     for args, message in cases.items():
         result = cli("compare", *args)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -109,9 +110,8 @@ def test_existing_run_directory_is_refused_and_untouched(finished_run, cli):
 
 
 def test_force_overwrites(finished_run, cli, tmp_path):
-    recipe, _ = finished_run
-    out = tmp_path / "forced"
-    out.mkdir()
+    recipe, finished = finished_run
+    out = shutil.copytree(finished, tmp_path / "forced")  # a kdkit run: --force overwrites nothing else
     (out / "old.txt").write_text("old")
     result = cli("run", recipe, "--out", out, "--force", "--allow-random-teachers", "-o", "train.epochs=1")
     assert result.exit_code == 0, result.output
