@@ -114,6 +114,7 @@ def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy
     Image.new("RGB", (32, 32)).save(image)
     message = f"{export}: cannot read the weights"
     refused(cli("predict", run, image), message)
+    assert "train the run again (kdkit run --force)" in cli("predict", run, image).output
     refused(cli("eval", run, "--allow-random-teachers"), message)
     teacher = recipe.read_text().replace('model = "test_resnet"\n', "", 1).replace(
         '[teachers.conv]\nplugin = "timm"\n', f'[teachers.conv]\ncheckpoint = "{export}"\n')
@@ -125,12 +126,15 @@ def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy
 
 def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
     from kdkit._checkpoint import read_state_dict
+    from kdkit._export import is_export
 
     weights = tmp_path / "weights.safetensors"
     shutil.copy(run_copy[1] / "student.safetensors", weights)
     truncate(weights)
-    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged"):
+    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged; write or copy"):
         read_state_dict(weights)
+    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged; write or copy"):
+        is_export(weights)  # how a teacher checkpoint is first looked at
 
 
 def test_a_damaged_decoded_data_cache_is_refused(write_recipe, cli, tmp_path, monkeypatch):
