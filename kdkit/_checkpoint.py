@@ -24,7 +24,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise KdkitError(f"{path}: cannot read the weights ({reason(exc)}): the file is truncated or "
-                             "damaged; write or copy it again") from None
+                             "damaged; write or copy it again, or put back a good copy") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

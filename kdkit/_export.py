@@ -38,8 +38,9 @@ def _metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError) as exc:
+        fix = "train the run again (kdkit run --force)" if path.name == FILENAME else "write or copy it again"
         raise KdkitError(f"{path}: cannot read the weights ({reason(exc)}): the file is truncated or damaged; "
-                         "train the run again (kdkit run --force) or put back a good copy") from None
+                         f"{fix}, or put back a good copy") from None
 
 
 def save(path: Path, model: DistillModel, meta: dict) -> None:

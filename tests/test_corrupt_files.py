@@ -114,6 +114,7 @@ def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy
     Image.new("RGB", (32, 32)).save(image)
     message = f"{export}: cannot read the weights"
     refused(cli("predict", run, image), message)
+    assert "train the run again (kdkit run --force)" in cli("predict", run, image).output
     refused(cli("eval", run, "--allow-random-teachers"), message)
     teacher = recipe.read_text().replace('model = "test_resnet"\n', "", 1).replace(
         '[teachers.conv]\nplugin = "timm"\n', f'[teachers.conv]\ncheckpoint = "{export}"\n')
@@ -125,12 +126,15 @@ def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy
 
 def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
     from kdkit._checkpoint import read_state_dict
+    from kdkit._export import is_export
 
     weights = tmp_path / "weights.safetensors"
     shutil.copy(run_copy[1] / "student.safetensors", weights)
     truncate(weights)
-    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged"):
+    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged; write or copy"):
         read_state_dict(weights)
+    with pytest.raises(KdkitError, match=f"{weights}: cannot read the weights .*truncated or damaged; write or copy"):
+        is_export(weights)  # how a teacher checkpoint is first looked at
 
 
 def test_a_damaged_decoded_data_cache_is_refused(write_recipe, cli, tmp_path, monkeypatch):
@@ -258,14 +262,14 @@ def test_a_chunk_that_does_not_match_its_checksum_is_refused(cache, cli):
 
 def test_a_cache_built_before_checksums_stays_readable(cache, cli):
     recipe, conv = cache
-    expected = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)
     for marker in (conv / "chunks").glob("*.done"):  # what an earlier kdkit wrote: the seconds alone
         marker.write_text(f"{json.loads(marker.read_text())['seconds']:.3f}")
     result = cli("cache", "build", recipe, "--verify", "--allow-random-teachers")
     assert result.exit_code == 0, result.output
     assert "conv: " in result.output and "4 chunks built before checksums were recorded: not verified" in result.output
-    cached = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)
-    torch.testing.assert_close(cached, expected, rtol=0, atol=0)
+    cached = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)["conv"]
+    stored = np.load(conv / "logits.npy")[[3, 30], [1, 2]]
+    torch.testing.assert_close(cached, torch.from_numpy(stored).float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("content, message", [
