@@ -225,6 +225,12 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return (self.size - self.skip) // self.batch_size * self.share
 
+    def first_global_batch(self, epoch: int, skip: int = 0) -> list[tuple[int, int, int]]:
+        """The keys of the first global batch that ``set_epoch(epoch, skip)`` gives, every process's share."""
+        whole = EpochSampler(self.size, self.seed, self.repeats, self.batch_size, rank=0, world=1)
+        whole.set_epoch(epoch, skip)
+        return list(whole)[: self.batch_size]
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()

@@ -31,7 +31,7 @@ from torch import nn
 from kdkit._config import TrainConfig
 from kdkit._data import Targets, sample_seed
 from kdkit._distributed import Processes
-from kdkit._errors import KdkitError, RunFailed, RunInterrupted
+from kdkit._errors import KdkitError, RunFailed, RunInterrupted, UnreadableImage
 from kdkit._experiment import Experiment
 from kdkit._model import DistillModel, prediction_names, predictions
 from kdkit._parts import Parts
@@ -204,6 +204,8 @@ class Trainer:
                     self.summary["top1"] = self.evaluate()
                 self.summary.update(self.evaluate_test(), infer_images_per_s=self.inference_speed())
                 status = "completed"
+            except UnreadableImage as exc:
+                raise RunFailed(f"{exc} ({self.where()}); the run stops, its last checkpoint is kept") from None
             except _Stop:
                 status = "interrupted"
                 signum = self.stop.signum or signal.SIGTERM  # another process may have been the one signalled
@@ -212,6 +214,29 @@ class Trainer:
             finally:
                 self.summary.update(status=status, wall_s=self.wall_s)
                 self.hook.kdkit_run_end(trainer=self, status=status)
+
+    @torch.no_grad()
+    def check_first_batches(self, epoch: int = 0, batch: int = 0) -> None:
+        """Load the first global batch the run trains on from (``epoch``, ``batch``) and one validation
+        batch, and pass them through the student (one micro-batch of the training batch) in eval mode,
+        so unreadable data stops the run before anything is written. Nothing the run uses changes: the
+        items are taken from the datasets as the loaders take them (each training sample seeded by its
+        own key), torch's generators are forked meanwhile, and eval mode updates no BatchNorm statistic."""
+        loaders, model, cfg = self.parts.loaders, self.state.model, self.cfg
+        micro_batch = cfg.batch_size // (self.processes.world * cfg.accum_steps)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                train = [loaders.train.dataset[key] for key in
+                         loaders.sampler.first_global_batch(epoch, batch * cfg.batch_size)]
+                val = [loaders.val.dataset[i] for i in range(min(len(loaders.val.dataset), loaders.val.batch_size))]
+                for items in (train[:micro_batch], val):
+                    if items:  # a resume with a changed batch size may have no batch left in its epoch
+                        with autocast(self.device, cfg.precision):
+                            model(loaders.train.collate_fn(items)[0].to(self.device))
+        finally:
+            model.train(was_training)
 
     def where(self) -> str:
         """Where the run is, for messages: after an epoch, or at a step of the next one."""

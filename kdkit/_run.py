@@ -1,7 +1,8 @@
 """``kdkit run``: check a recipe, build its parts, train missing teachers, then hand over to ``Trainer.fit``.
 
-Nothing is written until every check has passed: the recipe (``_experiment``), the data, the
-student's one-image forward and the teachers' weights (``_parts``), the teachers' validation
+Nothing is written until every check has passed: the recipe (``_experiment``), the student's
+one-image forward and the teachers' weights (``_parts``), the first training batch and one validation
+batch through the student (``Trainer.check_first_batches``), the teachers' validation
 accuracy, and the run directory (empty, or resumable with the same recipe and teachers).
 """
 from __future__ import annotations
@@ -88,6 +89,8 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
     trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary,
                       processes=processes)
+    start = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint is not None else (0, 0)
+    processes.on_main(lambda: trainer.check_first_batches(*start))  # the data, before anything is written
     if checkpoint is None:
         summary["teacher_top1"] = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
         processes.on_main(lambda: rundir.create(recipe.to_toml()))
