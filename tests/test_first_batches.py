@@ -55,7 +55,8 @@ def image_folder(root, train_per_class: int) -> list:
             for i in range(count):
                 path = root / split / label / f"{i}.png"
                 Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
-                files.append(path) if split == "train" else None
+                if split == "train":
+                    files.append(path)
     return files
 
 
