@@ -231,9 +231,9 @@ views = 1
 def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch, cli):
     from kdkit import _teacher_cache
     from kdkit._config import cache_root
+    from kdkit._experiment import resolve
     from kdkit._plugins import default_plugins
     from kdkit._recipe import load_recipe
-    from kdkit._experiment import resolve
     from kdkit._run import prepare
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
