@@ -105,15 +105,15 @@ if kind == "cache":
 else:
     RunDir(folder).claim()
 print("locked", flush=True)
-if sys.stdin.readline() and recipe:
-    if kind == "cache":
-        build_teacher_caches(recipe, allow_random_teachers=True)
-    else:
-        kdkit.run(recipe, out=folder, force=True)
+sys.stdin.readline()
+if kind == "cache":
+    build_teacher_caches(recipe, allow_random_teachers=True)
+else:
+    kdkit.run(recipe, out=folder, force=True)
 """
 
 
-def hold(folder: Path, recipe: Path | str = "", kind: str = "run") -> subprocess.Popen:
+def hold(folder: Path, recipe: Path, kind: str = "run") -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, kind, str(folder), str(recipe)],
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
