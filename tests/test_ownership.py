@@ -260,3 +260,20 @@ def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_pa
         holder.wait()
     assert console.lines[0].startswith(f"{cache}: in use by another kdkit process (pid {holder.pid} on ")
     assert set(json.loads((out / "summary.json").read_text())["teacher_cache"]) == {"conv", "other"}
+
+
+def test_a_forked_child_never_keeps_the_lock(tmp_path):
+    from kdkit import _lock
+
+    _lock.acquire(tmp_path)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # as a data loader's worker: it outlives the lock's release below
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        _lock.release(tmp_path)
+        assert _lock.holder(tmp_path) is None  # free, although the child still has the parent's descriptors
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)
