@@ -58,8 +58,8 @@ class RunDir:
         self.marker = self.path / MARKER
 
     def check_writable(self, force: bool) -> None:
-        """Refuse an existing non-empty run directory unless ``force`` and it is a kdkit run, and one that
-        another process writes; nothing is touched here."""
+        """Refuse an existing non-empty run directory unless ``force`` is given and it is a kdkit run
+        (``check_owned``), and one that another process writes (``check_free``); nothing is touched here."""
         if self.path.exists() and not self.path.is_dir():
             raise KdkitError(f"{self.path}: exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not force:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kdkit
 from kdkit._errors import KdkitError, RecipeError
 from kdkit._rundir import RunDir
+
+from conftest import TWO_TEACHER_RECIPE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"  # written by kdkit before markers and locks
 
@@ -84,33 +86,58 @@ def test_a_bad_run_name_is_refused(name, legacy, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy", "legacy.toml"]  # nothing written
 
 
-# A kdkit process that takes the lock of the folder given as its argument, says so, and waits; with a
-# second argument it then trains that teacher recipe into the folder (inside the lock) once told to go on.
+# A kdkit process that takes the lock of a run directory (or with "cache", of a teacher-output cache's
+# folder), says so and waits; told to go on, it trains the recipe into the run directory (or builds its
+# teacher-output caches) inside the lock, then exits.
 HOLDER = """
 import sys
 from pathlib import Path
+
+import kdkit
+from kdkit import _lock
+from kdkit._run import build_teacher_caches
 from kdkit._rundir import RunDir
 
-rundir = RunDir(sys.argv[1])
-rundir.claim()
+kind, folder, recipe = sys.argv[1:]
+if kind == "cache":
+    Path(folder).mkdir(parents=True)
+    _lock.acquire(Path(folder))
+else:
+    RunDir(folder).claim()
 print("locked", flush=True)
 sys.stdin.readline()
-if len(sys.argv) > 2:
-    import kdkit
-    kdkit.run(sys.argv[2], out=rundir.path, force=True)
+if kind == "cache":
+    build_teacher_caches(recipe, allow_random_teachers=True)
+else:
+    kdkit.run(recipe, out=folder, force=True)
 """
 
 
-def hold(folder: Path, *teacher_recipe, env=None) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), *map(str, teacher_recipe)], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def hold(folder: Path, recipe: Path, kind: str = "run") -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, kind, str(folder), str(recipe)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
     return holder
 
 
+# The lock as kdkit takes it (kdkit._lock), by a process that needs no kdkit import to hold it.
+FLOCK = """
+import fcntl, os, socket, sys
+file = open(sys.argv[1], "a+")
+fcntl.flock(file, fcntl.LOCK_EX)
+file.write(f"pid {os.getpid()} on {socket.gethostname()}\\n")
+file.flush()
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
 def test_a_second_writer_is_refused_naming_the_holder(legacy, cli):
     recipe, out = legacy
-    holder = hold(out)
+    holder = subprocess.Popen([sys.executable, "-c", FLOCK, str(out / ".kdkit-lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
     try:
         for args in (["--force"], ["--resume"]):
             result = cli("run", recipe, "--out", out, *args)
@@ -180,12 +207,12 @@ def test_a_teacher_trained_elsewhere_is_waited_for_then_reused(tmp_path, monkeyp
                        + '[teachers.t]\nrecipe = "teacher.toml"\n[[losses]]\nplugin = "kl"\nhead = "pool"\n'
                          'teachers = ["t"]\n')
     teacher_dir = teacher_run_dir(load_recipe(teacher), default_plugins())
-    holder = hold(teacher_dir, teacher, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    holder = hold(teacher_dir, teacher)
     console = Console(holder)
     try:
         out = kdkit.run(student, out=tmp_path / "student", allow_weak_teachers=True, console=console)
     finally:
-        holder.send_signal(signal.SIGKILL)
+        holder.kill()
         holder.wait()
     assert console.lines[0] == (f"{teacher_dir}: in use by another kdkit process (pid {holder.pid} on "
                                 f"{socket.gethostname()}): waiting for it to finish")
@@ -193,3 +220,60 @@ def test_a_teacher_trained_elsewhere_is_waited_for_then_reused(tmp_path, monkeyp
     assert json.loads((teacher_dir / "summary.json").read_text())["status"] == "completed"
     assert len((teacher_dir / "metrics.jsonl").read_text().splitlines()) == 1  # trained once, by the holder
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+CACHED = TWO_TEACHER_RECIPE.replace("train_size = 64", "train_size = 32").replace("epochs = 2", "epochs = 1") + """
+[teacher_cache]
+views = 1
+"""
+
+
+def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch, cli):
+    from kdkit import _teacher_cache
+    from kdkit._config import cache_root
+    from kdkit._experiment import resolve
+    from kdkit._plugins import default_plugins
+    from kdkit._recipe import load_recipe
+    from kdkit._run import prepare
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "cached.toml"
+    recipe.write_text(CACHED)
+    exp = resolve(load_recipe(recipe), allow_random_teachers=True)
+    parts = prepare(exp, default_plugins(), torch.device("cpu"), train_teachers=False, caches=False)
+    cache = cache_root() / "teacher_outputs" / f"conv-{parts.teacher_hashes['conv']}"
+    holder = hold(cache, recipe, kind="cache")
+    try:
+        refused = cli("cache", "build", recipe, "--allow-random-teachers")
+        assert refused.exit_code == 2, refused.output
+        assert f"{cache}: in use by another kdkit process (pid {holder.pid} on " in refused.output
+        assert not (cache / "key.json").exists()
+
+        def never(*args, **kwargs):
+            raise AssertionError("built again")
+
+        monkeypatch.setattr(_teacher_cache, "build_cache", never)  # this process only reads the caches
+        console = Console(holder)
+        out = kdkit.run(recipe, out=tmp_path / "run", allow_random_teachers=True, console=console)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert console.lines[0].startswith(f"{cache}: in use by another kdkit process (pid {holder.pid} on ")
+    assert set(json.loads((out / "summary.json").read_text())["teacher_cache"]) == {"conv", "other"}
+
+
+def test_a_forked_child_never_keeps_the_lock(tmp_path):
+    from kdkit import _lock
+
+    _lock.acquire(tmp_path)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # as a data loader's worker: it outlives the lock's release below
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        _lock.release(tmp_path)
+        assert _lock.holder(tmp_path) is None  # free, although the child still has the parent's descriptors
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)
