@@ -43,19 +43,18 @@ class RunDir:
         """A new run: an empty directory (a forced one emptied first) holding the resolved recipe."""
         if self.path.is_dir():
             shutil.rmtree(self.path)
-        (self.path / "checkpoints").mkdir(parents=True)
+        try:
+            (self.path / "checkpoints").mkdir(parents=True)
+        except OSError as exc:  # a read-only file system, an unwritable parent
+            raise KdkitError(f"{self.path}: cannot create the run directory: {exc.strerror}") from None
         self.write_recipe(recipe_text)
 
     def write_recipe(self, recipe_text: str) -> None:
         atomic_write(self.recipe, lambda tmp: tmp.write_text(recipe_text))
 
     def write_metrics(self, rows: list[dict]) -> None:
-        """Replace ``metrics.jsonl`` with ``rows`` (a resumed run's history: every epoch exactly once)."""
+        """Replace ``metrics.jsonl`` with ``rows``, the run's history: every epoch exactly once, never a torn line."""
         atomic_write(self.metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
-    def append_metrics(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
