@@ -5,6 +5,7 @@ Training checkpoints hold only tensors and plain data, so ``torch.load(weights_o
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     (a full disk, an unwritable folder, any error of ``write``) leaves the previous ``path`` as it was,
     removes the temporary and raises ``RunFailed`` naming the path and the reason."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path, os.getpid())
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -81,6 +82,17 @@ def reason(exc: BaseException) -> str:
     if cause is not None and cause.strerror:
         return cause.strerror
     return str(exc) or type(exc).__name__
+
+
+def temporary_path(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes ``path`` before renaming it: ``.<name>.<pid>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The temporaries of ``path`` that a killed process left behind (kdkit's own names only)."""
+    return [tmp for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+            if tmp.name[len(path.name) + 2:-len(".tmp")].isdigit()]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

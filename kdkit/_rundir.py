@@ -10,7 +10,7 @@ import timm
 import torch
 
 import kdkit
-from kdkit._checkpoint import atomic_write
+from kdkit._checkpoint import atomic_write, leftover_temporaries
 from kdkit._errors import KdkitError
 
 
@@ -58,6 +58,12 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+    def remove_temporaries(self) -> None:
+        """Remove what a killed process left of its atomic writes (``.<name>.<pid>.tmp``, often empty)."""
+        for path in (self.recipe, self.metrics, self.summary, self.last, self.best, self.export):
+            for tmp in leftover_temporaries(path):
+                tmp.unlink(missing_ok=True)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary.read_text())

@@ -1,8 +1,9 @@
 """Callback ``run_files``: the run's record on disk, ``metrics.jsonl`` and ``summary.json``.
 
-Every run uses it. ``metrics.jsonl`` is rewritten from the run's history at every completed epoch
-(atomically, like every run file; a resumed run's history is its checkpoint's, so lines written after
-that checkpoint go and every epoch appears exactly once). ``summary.json`` is rewritten at every event, last of all when the run ends.
+Every run uses it. At the start it removes the temporaries a killed run left behind. ``metrics.jsonl``
+is rewritten from the run's history at every completed epoch (atomically, like every run file; a
+resumed run's history is its checkpoint's, so lines written after that checkpoint go and every epoch
+appears exactly once). ``summary.json`` is rewritten at every event, last of all when the run ends.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class RunFiles:
 
     @api.hookimpl
     def kdkit_run_start(self, trainer: api.Trainer) -> None:
+        trainer.rundir.remove_temporaries()
         if trainer.resumed:
             trainer.rundir.write_metrics(trainer.state.history)
         trainer.rundir.write_summary(trainer.summary)

@@ -1,6 +1,6 @@
 """A write that fails (a full disk, a read-only file system) fails the run with one line naming the file and
 the reason (exit 1), keeps the previous checkpoint, and leaves ``status: failed`` where it can be written;
-a run directory that cannot be created is bad input (exit 2)."""
+a run directory that cannot be created is bad input (exit 2); a killed run's temporaries go at its next start."""
 from __future__ import annotations
 
 import errno
@@ -160,3 +160,16 @@ def test_when_the_summary_cannot_be_written_either_the_first_error_is_the_one_sh
     assert line.startswith(f"error: cannot write {out / 'checkpoints' / 'last.pt'}: No space left on device")
     assert f"then cannot write {out / 'summary.json'}: No space left on device" in line
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_killed_runs_temporaries_go_at_its_next_start_and_nothing_else(write_recipe, cli, tmp_path):
+    recipe, out = write_recipe(ONE_EPOCH_RECIPE), tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "--allow-random-teachers").exit_code == 0
+    left = [out / "checkpoints" / ".last.pt.4242.tmp", out / ".summary.json.17.tmp", out / ".metrics.jsonl.9.tmp"]
+    others = [out / ".last.pt.x.tmp", out / "checkpoints" / ".notes.17.tmp", out / "mine.tmp"]
+    for path in left + others:
+        path.touch()  # a SIGKILL leaves zero-byte ones
+    result = cli("run", recipe, "--out", out, "--resume", "--allow-random-teachers")
+    assert result.exit_code == 0, result.output
+    assert not any(path.exists() for path in left)
+    assert all(path.exists() for path in others)  # not kdkit's temporaries: not touched
