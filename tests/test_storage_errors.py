@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -173,3 +174,28 @@ def test_a_killed_runs_temporaries_go_at_its_next_start_and_nothing_else(write_r
     assert result.exit_code == 0, result.output
     assert not any(path.exists() for path in left)
     assert all(path.exists() for path in others)  # not kdkit's temporaries: not touched
+
+
+def test_a_signal_whose_checkpoint_cannot_be_written_says_so_and_keeps_its_exit_status(write_recipe, cli, tmp_path,
+                                                                                       monkeypatch):
+    """The stop is the first error (exit 143); the mid-epoch checkpoint that could not be written follows it."""
+    step = Trainer.train_step
+
+    def step_then_sigterm(self, *args):
+        logged = step(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return logged
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    result = cli("run", write_recipe(ONE_EPOCH_RECIPE), "--out", out, "--allow-random-teachers")
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    line = error_line(result.output)
+    assert line.startswith("error: SIGTERM: stopped at epoch 1, step 1 of 4")
+    assert f"then cannot write {out / 'checkpoints' / 'last.pt'}: No space left on device" in line
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
