@@ -4,6 +4,8 @@ Training checkpoints hold only tensors and plain data, so ``torch.load(weights_o
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from kdkit._errors import KdkitError
+from kdkit._errors import KdkitError, RunFailed
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -52,28 +54,61 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and rename over ``path``: a kill or a full disk never leaves a torn file,
-    and a failed write leaves the previous ``path`` as it was (the error is raised, the temporary removed)."""
+    """``write(tmp)`` then fsync and rename over ``path``: a kill never leaves a torn file. A write that fails
+    (a full disk, an unwritable folder, any error of ``write``) leaves the previous ``path`` as it was,
+    removes the temporary and raises ``RunFailed`` naming the path and the reason."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path, os.getpid())
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a read-only file system even this fails
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt and the like go on as they are
+            raise
+        intact = "; the previous one is intact" if path.exists() else ""
+        raise RunFailed(f"cannot write {path}: {reason(exc)}{intact}") from exc
+
+
+def reason(exc: BaseException) -> str:
+    """Why a write failed: the OS error behind ``exc`` (torch reports a full disk as a ``RuntimeError``
+    raised while handling it), or ``exc`` itself."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
+    return str(exc) or type(exc).__name__
+
+
+def temporary_path(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes ``path`` before renaming it: ``.<name>.<pid>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The temporaries of ``path`` that a killed process left behind (kdkit's own names only)."""
+    return [tmp for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+            if tmp.name[len(path.name) + 2:-len(".tmp")].isdigit()]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a training checkpoint atomically (``atomic_write``)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write a training checkpoint atomically (``atomic_write``); through a Python file, so that a full
+    disk's ``OSError`` stays behind torch's ``RuntimeError`` (torch's own writer drops it)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: Path, keys: Iterable[str] = ()) -> dict:

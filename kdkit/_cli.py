@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdkit._errors import KdkitError, RunFailed, RunInterrupted
@@ -25,7 +26,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def fail(exc: BaseException, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    """One line: the message, then any notes (a second error met while cleaning up after it)."""
+    message = "; ".join([str(exc), *getattr(exc, "__notes__", [])])
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # torch's messages hold [brackets]
     return typer.Exit(code)
 
 

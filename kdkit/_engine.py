@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -31,7 +32,7 @@ from torch import nn
 from kdkit._config import TrainConfig
 from kdkit._data import Targets, sample_seed
 from kdkit._distributed import Processes
-from kdkit._errors import KdkitError, RunFailed, RunInterrupted, UnreadableImage
+from kdkit._errors import KdkitError, RunFailed, RunInterrupted, UnreadableImage, keep_first_error
 from kdkit._experiment import Experiment
 from kdkit._model import DistillModel, prediction_names, predictions
 from kdkit._parts import Parts
@@ -215,7 +216,8 @@ class Trainer:
                                      signum) from None
             finally:
                 self.summary.update(status=status, wall_s=self.wall_s)
-                self.hook.kdkit_run_end(trainer=self, status=status)
+                with keep_first_error(sys.exc_info()[1]):  # a second error (the summary cannot be written) is a note
+                    self.hook.kdkit_run_end(trainer=self, status=status)
 
     @torch.no_grad()
     def check_first_batches(self, epoch: int = 0, batch: int = 0) -> None:

@@ -1,6 +1,7 @@
 """Errors kdkit reports to the user without a traceback."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable
 
@@ -29,8 +30,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 
 class RunFailed(Exception):
-    """The run cannot go on (a non-finite loss, a checkpoint that cannot be written): the CLI prints
+    """The run cannot go on (a non-finite loss, a file that cannot be written): the CLI prints
     the message and exits with 1; the run directory keeps its last good checkpoint."""
+
+
+@contextlib.contextmanager
+def keep_first_error(first: BaseException | None):
+    """Clean-up while ``first`` propagates (None: nothing does): an error of the block is added to ``first`` as a
+    note (PEP 678; the CLI prints it after the message) instead of replacing it: the first error is the one to see."""
+    try:
+        yield
+    except Exception as second:
+        if first is None:
+            raise
+        first.__notes__ = [*getattr(first, "__notes__", []), f"then {second}"]  # ``add_note`` before Python 3.11
 
 
 class RunInterrupted(Exception):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from kdkit._checkpoint import atomic_write, reason
 from kdkit._errors import KdkitError
@@ -44,9 +44,10 @@ def _metadata(path: Path) -> dict:
 
 
 def save(path: Path, model: DistillModel, meta: dict) -> None:
-    """Write the student (``student.*``) and heads (``heads.<name>.*``) with ``meta`` as JSON."""
+    """Write the student (``student.*``) and heads (``heads.<name>.*``) with ``meta`` as JSON; written by
+    Python like every run file (safetensors' own writer makes a file only its owner can read)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(state, metadata={META_KEY: json.dumps(meta)})))
 
 
 def read_meta(path: str | Path) -> dict:

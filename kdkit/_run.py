@@ -93,7 +93,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     processes.on_main(lambda: trainer.check_first_batches(*start))  # the data, before anything is written
     if checkpoint is None:
         summary["teacher_top1"] = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
-        processes.on_main(lambda: rundir.create(recipe.to_toml()))
+        processes.on_main(lambda: rundir.create(recipe.to_toml(), force))
     else:
         check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
         check_fits(parts.model, checkpoint["model"], rundir.last)

@@ -18,7 +18,7 @@ import torch
 
 import kdkit
 from kdkit import _lock
-from kdkit._checkpoint import atomic_write, reason
+from kdkit._checkpoint import atomic_write, leftover_temporaries, reason
 from kdkit._errors import KdkitError
 
 MARKER = ".kdkit-run"  # "kdkit made this directory": what --force asks before emptying one
@@ -62,11 +62,15 @@ class RunDir:
         (``check_owned``), and one that another process writes (``check_free``); nothing is touched here."""
         if self.path.exists() and not self.path.is_dir():
             raise KdkitError(f"{self.path}: exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not force:
+        if self.path.is_dir() and self.written() and not force:
             raise KdkitError(f"{self.path}: the run directory exists and is not empty "
                              "(--resume continues it, --force overwrites it, --out chooses another)")
         self.check_owned()
         self.check_free()
+
+    def written(self) -> list[Path]:
+        """What the directory holds besides kdkit's marker and lock (a claimed directory is still empty)."""
+        return [entry for entry in self.path.iterdir() if entry.name not in (MARKER, _lock.LOCK_FILE)]
 
     def check_owned(self) -> None:
         """Refuse a directory kdkit may not empty: not empty, no marker, and not a run of an earlier kdkit."""
@@ -89,7 +93,10 @@ class RunDir:
         may own (created if missing), marked as kdkit's, then locked (``kdkit._lock.acquire``: held
         elsewhere, refused or, with ``waiting``, waited for). ``release`` gives it back."""
         self.check_owned()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only file system, an unwritable parent
+            raise KdkitError(f"{self.path}: cannot create the run directory: {exc.strerror}") from None
         if not self.marker.is_file():
             atomic_write(self.marker, lambda tmp: tmp.write_text(f"kdkit {kdkit.__version__} run directory\n"))
         _lock.acquire(self.path, waiting)
@@ -97,13 +104,17 @@ class RunDir:
     def release(self) -> None:
         _lock.release(self.path)
 
-    def create(self, recipe_text: str) -> None:
+    def create(self, recipe_text: str, force: bool) -> None:
         """A new run: the directory claimed, emptied of an earlier run (but its marker and lock), holding
-        the resolved recipe."""
+        the resolved recipe. The check of ``check_writable`` is made again once the lock is held: another
+        run may have filled the directory in between."""
         self.claim()
-        for entry in self.path.iterdir():
-            if entry.name in (MARKER, _lock.LOCK_FILE):
-                continue
+        try:
+            self.check_writable(force)
+        except KdkitError:
+            self.release()
+            raise
+        for entry in self.written():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -120,15 +131,17 @@ class RunDir:
         atomic_write(self.recipe, lambda tmp: tmp.write_text(recipe_text))
 
     def write_metrics(self, rows: list[dict]) -> None:
-        """Replace ``metrics.jsonl`` with ``rows`` (a resumed run's history: every epoch exactly once)."""
+        """Replace ``metrics.jsonl`` with ``rows``, the run's history: every epoch exactly once, never a torn line."""
         atomic_write(self.metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
-    def append_metrics(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+    def remove_temporaries(self) -> None:
+        """Remove what a killed process left of its atomic writes (``.<name>.<pid>.tmp``, often empty)."""
+        for path in (self.marker, self.recipe, self.metrics, self.summary, self.last, self.best, self.export):
+            for tmp in leftover_temporaries(path):
+                tmp.unlink(missing_ok=True)
 
     def read_summary(self) -> dict:
         """The summary, a JSON object; a binary, garbled or foreign one is refused, naming the file."""

@@ -5,7 +5,8 @@ every other core module is private (its name starts with an underscore) and may 
 
 - hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
   hooks of ``kdkit._hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
-- errors: raise ``KdkitError`` for bad input (exit 2) and ``RunFailed`` when a run cannot go on (exit 1).
+- errors: raise ``KdkitError`` for bad input (exit 2) and ``RunFailed`` when a run cannot go on (exit 1);
+  ``keep_first_error`` for clean-up while an error propagates.
 - data: ``DatasetSplits`` (what a dataset plugin returns), ``build_transforms`` and
   ``AugmentConfig`` (so ``[augment]`` applies), ``fingerprint`` (a content hash for
   ``DatasetSplits.fingerprint``), ``cache_root`` and ``default_data_root``, ``read_image`` (one image
@@ -20,7 +21,7 @@ from kdkit._checkpoint import save_checkpoint
 from kdkit._config import AugmentConfig, cache_root, default_data_root
 from kdkit._data import DatasetSplits, build_transforms, fingerprint
 from kdkit._engine import Trainer
-from kdkit._errors import KdkitError, RunFailed, UnreadableImage, did_you_mean
+from kdkit._errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
 from kdkit._export import save as save_export
 from kdkit._flops import traced_shape
 from kdkit._hookspecs import hookimpl
@@ -32,5 +33,6 @@ from kdkit._teacher import teacher_log_probs
 __all__ = [
     "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "RunDir", "RunFailed", "Trainer",
     "UnreadableImage", "build_transforms", "cache_root", "default_data_root", "did_you_mean", "fingerprint",
-    "hookimpl", "read_image", "save_checkpoint", "save_export", "teacher_log_probs", "traced_shape",
+    "hookimpl", "keep_first_error", "read_image", "save_checkpoint", "save_export", "teacher_log_probs",
+    "traced_shape",
 ]

@@ -1,12 +1,11 @@
 """Callback ``checkpoints``: ``checkpoints/last.pt`` after every epoch and when a signal stops the run,
 ``checkpoints/best.pt`` whenever the eval top-1 improves.
 
-Every run uses it. Each file is written atomically, so a checkpoint that cannot be written (a full
-disk, an unwritable folder) leaves the previous one intact and fails the run with a clear message.
+Every run uses it. Each file is written atomically (``api.save_checkpoint``), so a checkpoint that cannot
+be written (a full disk, an unwritable folder) leaves the previous one intact and fails the run
+(``RunFailed``, naming the file and the reason).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 from kdkit import api
 
@@ -19,21 +18,14 @@ class Checkpoints:
     @api.hookimpl
     def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
         checkpoint = trainer.checkpoint()
-        save(trainer.rundir.last, checkpoint)
+        api.save_checkpoint(trainer.rundir.last, checkpoint)
         if trainer.state.best_epoch == trainer.state.epoch:
-            save(trainer.rundir.best, checkpoint)
+            api.save_checkpoint(trainer.rundir.best, checkpoint)
 
     @api.hookimpl
     def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
         if status == "interrupted":  # mid-epoch: the state after the last finished step
-            save(trainer.rundir.last, trainer.checkpoint())
-
-
-def save(path: Path, checkpoint: dict) -> None:
-    try:
-        api.save_checkpoint(path, checkpoint)
-    except OSError as exc:
-        raise api.RunFailed(f"cannot write the checkpoint {path}: {exc}; the previous one is intact") from exc
+            api.save_checkpoint(trainer.rundir.last, trainer.checkpoint())
 
 
 def checkpoints() -> Checkpoints:

@@ -1,8 +1,9 @@
 """Callback ``run_files``: the run's record on disk, ``metrics.jsonl`` and ``summary.json``.
 
-Every run uses it. ``metrics.jsonl`` gets one line per completed epoch; a resumed run first rewrites
-it from the checkpoint's history, so lines written after that checkpoint go and every epoch appears
-exactly once. ``summary.json`` is rewritten at every event, last of all when the run ends.
+Every run uses it. At the start it removes the temporaries a killed run left behind. ``metrics.jsonl``
+is rewritten from the run's history at every completed epoch (atomically, like every run file; a
+resumed run's history is its checkpoint's, so lines written after that checkpoint go and every epoch
+appears exactly once). ``summary.json`` is rewritten at every event, last of all when the run ends.
 """
 from __future__ import annotations
 
@@ -16,18 +17,28 @@ class RunFiles:
 
     @api.hookimpl
     def kdkit_run_start(self, trainer: api.Trainer) -> None:
+        trainer.rundir.remove_temporaries()
         if trainer.resumed:
             trainer.rundir.write_metrics(trainer.state.history)
         trainer.rundir.write_summary(trainer.summary)
 
     @api.hookimpl
     def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
-        trainer.rundir.append_metrics(row)
+        trainer.rundir.write_metrics(trainer.state.history)
         trainer.rundir.write_summary(trainer.summary)
 
-    @api.hookimpl(trylast=True)
-    def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
-        trainer.rundir.write_summary(trainer.summary)  # last: 'completed' means the export is written
+    @api.hookimpl(wrapper=True)
+    def kdkit_run_end(self, trainer: api.Trainer, status: str):
+        """Around the other run-end hooks, so the summary comes last ('completed' means the export is written)
+        and says 'failed' when one of them failed (the export or the checkpoint could not be written)."""
+        try:
+            yield
+        except Exception as exc:
+            trainer.summary["status"] = "failed"
+            with api.keep_first_error(exc):
+                trainer.rundir.write_summary(trainer.summary)
+            raise
+        trainer.rundir.write_summary(trainer.summary)
 
 
 def run_files() -> RunFiles:

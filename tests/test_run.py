@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -42,6 +44,15 @@ def test_run_directory_holds_everything(finished_run):
     assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
     assert summary["kdkit_version"] == kdkit.__version__ and len(summary["recipe_hash"]) == 16
     assert "[teachers.conv]" in (out / "recipe.toml").read_text()
+
+
+def test_every_run_file_gets_the_default_mode(finished_run):
+    """0666 less the umask, as files are created: the export too (safetensors' own writer makes it 0600)."""
+    _, out = finished_run
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.rglob("*") if path.is_file()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "student.safetensors" in modes
 
 
 def test_checkpoints_load_with_weights_only(finished_run):
