@@ -41,7 +41,8 @@ class Range:
 
     def __str__(self) -> str:
         bounds = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
-        return ", ".join(f"{op} {bound:g}" for op, bound in bounds if bound is not None)
+        return ", ".join(f"{op} {bound:g}" if isinstance(bound, float) else f"{op} {bound}"
+                         for op, bound in bounds if bound is not None)
 
     def admits(self, value: float) -> bool:
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
