@@ -211,7 +211,8 @@ def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], a
 def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
     """What the keys' ranges cannot say: how the values relate."""
     if len(augment.crop_scale) != 2 or augment.crop_scale[0] > augment.crop_scale[1]:
-        raise recipe.error("augment.crop_scale", f"must be [min, max] with min <= max, got {augment.crop_scale}")
+        raise recipe.error("augment.crop_scale", "must be two fractions, min then max (min <= max), "
+                           f"got {augment.crop_scale}")
     if train.batch_size % train.accum_steps:
         raise recipe.error("train.accum_steps", f"must divide train.batch_size ({train.batch_size}) "
                            f"into equal micro-batches, got {train.accum_steps}")
