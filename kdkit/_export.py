@@ -59,7 +59,8 @@ def load(path: str | Path, plugins=None) -> DistillModel:
     meta = read_meta(file)
     student = plugins.get("student", meta["student"]["plugin"])
     student = student(**_checked(student, meta["student"]["kwargs"], file, "student"))
-    heads = {name: {**head, "kwargs": _checked(plugins.get("head", head["plugin"]), head["kwargs"], file, f"heads.{name}")}
+    heads = {name: {**head, "kwargs": _checked(plugins.get("head", head["plugin"]), head["kwargs"], file,
+                                               f"heads.{name}")}
              for name, head in meta["heads"].items()}
     model = build_distill_model(plugins, student, heads, meta["eval"]["heads"])
     model.load_state_dict(load_file(str(file)))

@@ -58,8 +58,10 @@ FORMAT = 1
 class CacheSettings:
     """``[teacher_cache]``: read the teachers' outputs from a cache of pre-drawn views instead of running them."""
 
-    views: Annotated[int, Range(ge=0, le=MAX_EPOCHS)] = 0  # views per training image; 0 = train.epochs * augment.repeated_aug
-    top_k: Annotated[int, Range(ge=0, le=MAX_CLASSES)] = 0  # 0 = every class's logit; k > 0 = the k largest logits and the log-sum-exp
+    # views per training image; 0 = train.epochs * augment.repeated_aug
+    views: Annotated[int, Range(ge=0, le=MAX_EPOCHS)] = 0
+    # 0 = every class's logit; k > 0 = the k largest logits and the log-sum-exp
+    top_k: Annotated[int, Range(ge=0, le=MAX_CLASSES)] = 0
     root: str = ""  # where the caches live; default $KDKIT_CACHE/teacher_outputs
 
 

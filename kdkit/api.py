@@ -6,7 +6,8 @@ every other core module is private (its name starts with an underscore) and may 
 - hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
   hooks of ``kdkit._hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
 - recipe keys: ``Range`` bounds a factory's number, ``Annotated[float, Range(gt=0)]``, checked with the
-  recipe (every float must also be finite); ``MAX_IMAGE_SIZE`` and ``MAX_CLASSES`` are the documented largest image side and class count.
+  recipe (every float must also be finite); ``MAX_IMAGE_SIZE`` and ``MAX_CLASSES`` are the documented
+  largest image side and class count.
 - errors: raise ``KdkitError`` for bad input (exit 2) and ``RunFailed`` when a run cannot go on (exit 1).
 - data: ``DatasetSplits`` (what a dataset plugin returns), ``build_transforms`` and
   ``AugmentConfig`` (so ``[augment]`` applies), ``fingerprint`` (a content hash for
@@ -31,8 +32,8 @@ from kdkit._schema import Range
 from kdkit._teacher import teacher_log_probs
 
 __all__ = [
-    "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range", "RunDir", "RunFailed",
-    "Trainer",
+    "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",
+    "RunDir", "RunFailed", "Trainer",
     "build_transforms", "cache_root", "default_data_root", "did_you_mean", "fingerprint", "hookimpl", "save_checkpoint",
     "save_export", "teacher_log_probs", "traced_shape",
 ]
