@@ -122,7 +122,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
         return
     table = Table("kind", "name", "keys", "distribution", "description")
     for row in rows:
-        keys = ", ".join(k["key"] + ("" if "default" in k else "*") for k in row["keys"])
+        keys = ", ".join(k["key"] + ("" if "default" in k else "*") + (f" ({k['range']})" if "range" in k else "")
+                         for k in row["keys"])
         table.add_row(row["kind"], row["name"], keys, row["distribution"], row["doc"])
     wide_console().print(table)
     typer.echo("* required")

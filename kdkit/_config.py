@@ -8,9 +8,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from kdkit._schema import Range
 
 Precision = Literal["auto", "fp32", "bf16"]
+
+# The documented maxima (README): beyond them a value is a typo, not a plan.
+MAX_IMAGE_SIZE = 4096
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_CLASSES = 100_000
+
+Count = Annotated[int, Range(ge=0)]  # 0 often means "all" or "off"
+Probability = Annotated[float, Range(ge=0, le=1)]
+Epochs = Annotated[int, Range(ge=0, le=MAX_EPOCHS)]
+Batch = Annotated[int, Range(ge=1, le=MAX_BATCH)]
 
 
 def cache_root() -> Path:
@@ -35,30 +48,30 @@ class DataConfig:
 
     dataset: str = "fake"
     root: str = ""
-    image_size: int = 224
-    num_classes: int = 0
-    limit_train: int = 0
-    limit_val: int = 0
-    val_split: float = 0.0
-    batch_size_eval: int = 256
-    workers: int = 2
+    image_size: Annotated[int, Range(ge=1, le=MAX_IMAGE_SIZE)] = 224
+    num_classes: Annotated[int, Range(ge=0, le=MAX_CLASSES)] = 0  # 0 = the dataset's
+    limit_train: Count = 0
+    limit_val: Count = 0
+    val_split: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    batch_size_eval: Batch = 256
+    workers: Annotated[int, Range(ge=0, le=256)] = 2
 
 
 @dataclass
 class TrainConfig:
     """``[train]``: optimisation. ``batch_size`` is per optimizer step, split into ``accum_steps`` micro-batches."""
 
-    epochs: int = 300
-    batch_size: int = 256
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
+    epochs: Epochs = 300  # 0: evaluate without training
+    batch_size: Batch = 256
+    lr: Annotated[float, Range(gt=0)] = 5e-4
+    min_lr: Annotated[float, Range(ge=0)] = 1e-5
+    warmup_epochs: Epochs = 5
+    warmup_lr: Annotated[float, Range(ge=0)] = 1e-6
+    weight_decay: Annotated[float, Range(ge=0)] = 0.05
     optimizer: str = "adamw"
-    momentum: float = 0.9
-    clip_grad: float = 0.0
-    accum_steps: int = 1
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    clip_grad: Annotated[float, Range(ge=0)] = 0.0  # 0: no clipping
+    accum_steps: Batch = 1
     precision: Precision = "auto"
     compile: bool = False  # torch.compile the student and its heads (training forward)
 
@@ -68,14 +81,14 @@ class AugmentConfig:
     """``[augment]``: the DeiT recipe's augmentation, through timm's transforms and Mixup."""
 
     rand_augment: str = ""
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
-    random_erasing: float = 0.0
+    mixup: Annotated[float, Range(ge=0)] = 0.0  # Beta(alpha, alpha) of the mixing coefficient; 0 = off
+    cutmix: Annotated[float, Range(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    random_erasing: Probability = 0.0
     interpolation: str = "bicubic"
-    repeated_aug: int = 1
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    hflip: float = 0.5
+    repeated_aug: Annotated[int, Range(ge=1, le=64)] = 1  # 1 = off
+    crop_scale: list[Annotated[float, Range(gt=0, le=1)]] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: Probability = 0.5
 
     @property
     def mixing(self) -> bool:

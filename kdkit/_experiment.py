@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from timm.optim import list_optimizers
 
@@ -16,7 +17,7 @@ from kdkit._model import PREDICTIONS
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe
 from kdkit._rundir import check_name
-from kdkit._schema import accepts, check_table, conform, type_name
+from kdkit._schema import OutOfRange, Range, accepts, check_table, conform, type_name
 from kdkit._teacher_cache import CacheSettings
 
 
@@ -127,7 +128,10 @@ def _core(recipe, cls, table: dict, key: str, *, keep: set = frozenset()):
 def _typed(recipe, key: str, value, annotation, default):
     if value is None:
         return default
-    ok, converted = conform(value, annotation)
+    try:
+        ok, converted = conform(value, annotation)
+    except OutOfRange as exc:
+        raise recipe.error(key + exc.path, exc.message) from None
     if not ok:
         raise recipe.error(key, f"expected {type_name(annotation)}, got {type(value).__name__} {value!r}")
     return converted
@@ -147,7 +151,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     name = _typed(recipe, "name", t.get("name"), str, recipe.path.stem)
     if why := check_name(name):
         raise recipe.error("name", why)
-    seed = _typed(recipe, "seed", t.get("seed"), int, 0)
+    seed = _typed(recipe, "seed", t.get("seed"), Annotated[int, Range(ge=0)], 0)
 
     data_table = _table(recipe, "data", t.get("data"))
     core_data = set(C.DataConfig.__dataclass_fields__)
@@ -195,9 +199,6 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
 def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], augment: C.AugmentConfig) -> None:
     """A cache of every logit serves any loss; mixed or top-k outputs only those that need no more than
     the teachers' probabilities at temperature 1."""
-    for key in ("views", "top_k"):
-        if getattr(cache, key) < 0:
-            raise recipe.error(f"teacher_cache.{key}", f"must be 0 or more, got {getattr(cache, key)}")
     why = "top_k keeps only the largest logits" if cache.top_k else \
         "mixup/cutmix with a cache mixes the teachers' probabilities at temperature 1" if augment.mixing else None
     if why is None:
@@ -211,14 +212,10 @@ def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], a
 
 
 def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
-    if train.epochs < 0:
-        raise recipe.error("train.epochs", f"must be 0 (evaluate without training) or more, got {train.epochs}")
-    positive = {"train.batch_size": train.batch_size, "train.accum_steps": train.accum_steps, "train.lr": train.lr}
-    for key, value in positive.items():
-        if value <= 0:
-            raise recipe.error(key, f"must be positive, got {value}")
-    if train.clip_grad < 0:
-        raise recipe.error("train.clip_grad", f"must be 0 (no clipping) or a positive norm, got {train.clip_grad}")
+    """What the keys' ranges cannot say: how the values relate."""
+    if len(augment.crop_scale) != 2 or augment.crop_scale[0] > augment.crop_scale[1]:
+        raise recipe.error("augment.crop_scale", "must be two fractions, min then max (min <= max), "
+                           f"got {augment.crop_scale}")
     if train.batch_size % train.accum_steps:
         raise recipe.error("train.accum_steps", f"must divide train.batch_size ({train.batch_size}) "
                            f"into equal micro-batches, got {train.accum_steps}")
@@ -228,17 +225,6 @@ def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.Au
     if train.optimizer not in list_optimizers():
         raise recipe.error("train.optimizer", f"unknown optimizer {train.optimizer!r}"
                            f"{did_you_mean(train.optimizer, list_optimizers())} (any timm optimizer name)")
-    if not 0 <= data.val_split < 1:
-        raise recipe.error("data.val_split", "must be a fraction of the training set in [0, 1)")
-    for key, value in {"data.limit_train": data.limit_train, "data.limit_val": data.limit_val}.items():
-        if value < 0:
-            raise recipe.error(key, f"must be 0 (every image) or a number of images, got {value}")
-    if data.workers < 0:
-        raise recipe.error("data.workers", f"must be 0 (load in the training process) or more, got {data.workers}")
-    if data.batch_size_eval <= 0:
-        raise recipe.error("data.batch_size_eval", f"must be positive, got {data.batch_size_eval}")
-    if augment.repeated_aug < 1:
-        raise recipe.error("augment.repeated_aug", f"must be at least 1 (1 = off), got {augment.repeated_aug}")
 
 
 def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> TeacherSpec:
@@ -337,7 +323,7 @@ def _losses(recipe, plugins, value, teachers: dict) -> list[LossSpec]:
             if tname not in teachers:
                 raise recipe.error(f"{key}.teachers.{j}", f"no teacher named {tname!r}"
                                    f"{did_you_mean(tname, teachers)}; declared: {', '.join(teachers) or '(none)'}")
-        weight = _typed(recipe, f"{key}.weight", table.get("weight"), float, 1.0)
+        weight = _typed(recipe, f"{key}.weight", table.get("weight"), Annotated[float, Range(ge=0)], 1.0)
         fn = spec.build(plugins)
         needs = getattr(fn, "requires_teachers", None)
         if needs and not names:

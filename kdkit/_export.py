@@ -15,6 +15,7 @@ from safetensors.torch import save as safetensors_bytes
 from kdkit._checkpoint import atomic_write, reason
 from kdkit._errors import KdkitError
 from kdkit._model import DistillModel, build_distill_model
+from kdkit._schema import check_table
 
 FILENAME = "student.safetensors"
 META_KEY = "kdkit"
@@ -69,8 +70,17 @@ def load(path: str | Path, plugins=None) -> DistillModel:
     plugins = plugins or default_plugins()
     file = export_path(path)
     meta = read_meta(file)
-    student = plugins.get("student", meta["student"]["plugin"])(**meta["student"]["kwargs"])
-    model = build_distill_model(plugins, student, meta["heads"], meta["eval"]["heads"])
+    student = plugins.get("student", meta["student"]["plugin"])
+    student = student(**_checked(student, meta["student"]["kwargs"], file, "student"))
+    heads = {name: {**head, "kwargs": _checked(plugins.get("head", head["plugin"]), head["kwargs"], file,
+                                               f"heads.{name}")}
+             for name, head in meta["heads"].items()}
+    model = build_distill_model(plugins, student, heads, meta["eval"]["heads"])
     model.load_state_dict(load_file(str(file)))
     model.meta = meta
     return model.eval()
+
+
+def _checked(factory, kwargs: dict, file: Path, key: str) -> dict:
+    """The stored keys, checked as a recipe's are (types and ranges), before a layer is allocated."""
+    return check_table(factory, kwargs, kind="config", file=file, key=key)

@@ -156,7 +156,11 @@ def probe_student(model: DistillModel, plugin: str, image: torch.Tensor, num_cla
     was_training = model.training
     model.eval()
     try:
-        features = model.student(x)
+        try:
+            features = model.student(x)
+        except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. an image smaller than a patch
+            raise KdkitError(f"student plugin {plugin!r} cannot take one {x.shape[-2]}x{x.shape[-1]} image "
+                             f"(data.image_size, or the student's size keys): {exc}") from None
         if not isinstance(features, dict):
             raise KdkitError(f"student plugin {plugin!r} breaks the student contract: forward must return a dict "
                              f"of named embeddings, got {type(features).__name__}")

@@ -38,6 +38,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import PIL
@@ -48,11 +49,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdkit import _lock
 from kdkit._checkpoint import atomic_write, reason
-from kdkit._config import cache_root
+from kdkit._config import MAX_CLASSES, MAX_EPOCHS, cache_root
 from kdkit._data import fingerprint, replay
 from kdkit._distributed import Processes
 from kdkit._errors import KdkitError
 from kdkit._recipe import diff_tables
+from kdkit._schema import Range
 
 CHUNK = 256  # images per chunk: the unit of building, resuming and sharding
 FORMAT = 1
@@ -62,8 +64,10 @@ FORMAT = 1
 class CacheSettings:
     """``[teacher_cache]``: read the teachers' outputs from a cache of pre-drawn views instead of running them."""
 
-    views: int = 0  # views per training image; 0 = train.epochs * augment.repeated_aug
-    top_k: int = 0  # 0 = every class's logit; k > 0 = the k largest logits and the log-sum-exp
+    # views per training image; 0 = train.epochs * augment.repeated_aug
+    views: Annotated[int, Range(ge=0, le=MAX_EPOCHS)] = 0
+    # 0 = every class's logit; k > 0 = the k largest logits and the log-sum-exp
+    top_k: Annotated[int, Range(ge=0, le=MAX_CLASSES)] = 0
     root: str = ""  # where the caches live; default $KDKIT_CACHE/teacher_outputs
 
 

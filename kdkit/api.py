@@ -5,6 +5,9 @@ every other core module is private (its name starts with an underscore) and may 
 
 - hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
   hooks of ``kdkit._hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
+- recipe keys: ``Range`` bounds a factory's number, ``Annotated[float, Range(gt=0)]``, checked with the
+  recipe (every float must also be finite); ``MAX_IMAGE_SIZE`` and ``MAX_CLASSES`` are the documented
+  largest image side and class count.
 - errors: raise ``KdkitError`` for bad input (exit 2) and ``RunFailed`` when a run cannot go on (exit 1);
   ``keep_first_error`` for clean-up while an error propagates.
 - data: ``DatasetSplits`` (what a dataset plugin returns), ``build_transforms`` and
@@ -18,7 +21,7 @@ every other core module is private (its name starts with an underscore) and may 
   paths and atomic writers), ``save_checkpoint`` and ``save_export``.
 """
 from kdkit._checkpoint import save_checkpoint
-from kdkit._config import AugmentConfig, cache_root, default_data_root
+from kdkit._config import MAX_CLASSES, MAX_IMAGE_SIZE, AugmentConfig, cache_root, default_data_root
 from kdkit._data import DatasetSplits, build_transforms, fingerprint
 from kdkit._engine import Trainer
 from kdkit._errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
@@ -28,11 +31,12 @@ from kdkit._hookspecs import hookimpl
 from kdkit._images import read_image
 from kdkit._model import PooledStudent
 from kdkit._rundir import RunDir
+from kdkit._schema import Range
 from kdkit._teacher import teacher_log_probs
 
 __all__ = [
-    "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "RunDir", "RunFailed", "Trainer",
-    "UnreadableImage", "build_transforms", "cache_root", "default_data_root", "did_you_mean", "fingerprint",
-    "hookimpl", "keep_first_error", "read_image", "save_checkpoint", "save_export", "teacher_log_probs",
-    "traced_shape",
+    "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",
+    "RunDir", "RunFailed", "Trainer", "UnreadableImage", "build_transforms", "cache_root", "default_data_root",
+    "did_you_mean", "fingerprint", "hookimpl", "keep_first_error", "read_image", "save_checkpoint", "save_export",
+    "teacher_log_probs", "traced_shape",
 ]

@@ -13,6 +13,7 @@ import struct
 import tarfile
 import warnings
 from pathlib import Path, PurePosixPath
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kdkit.api import (AugmentConfig, DatasetSplits, KdkitError, build_transforms, cache_root, default_data_root,
-                       fingerprint, hookimpl, read_image)
+                       Range, fingerprint, hookimpl, read_image)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -81,11 +82,11 @@ class FakeImages(tv_datasets.FakeData):
 
 # --- factories -------------------------------------------------------------------------------------
 
-def fake(*, image_size: int, augment: AugmentConfig, num_classes: int, train_size: int = 256,
-         val_size: int = 64, in_chans: int = 3) -> DatasetSplits:
+def fake(*, image_size: int, augment: AugmentConfig, num_classes: int,
+         train_size: Annotated[int, Range(ge=1, le=1_000_000)] = 256,
+         val_size: Annotated[int, Range(ge=1, le=1_000_000)] = 64,
+         in_chans: Annotated[int, Range(ge=1, le=4)] = 3) -> DatasetSplits:  # 1 to 4: a PIL image's channels
     """Random images with balanced labels, identical in every process: for smoke tests and timing."""
-    if not 1 <= in_chans <= 4:
-        raise KdkitError(f"fake: in_chans must be 1 to 4 (a PIL image's channels), got {in_chans}")
     num_classes = num_classes or 10
     mean = std = (0.5,) * in_chans
     train_tf, eval_tf = _transforms(image_size, augment, mean, std, crop_pct=1.0)

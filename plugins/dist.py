@@ -27,12 +27,12 @@ Notes for kdkit:
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
-from kdkit.api import hookimpl, teacher_log_probs
+from kdkit.api import Range, hookimpl, teacher_log_probs
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
@@ -42,7 +42,8 @@ def pearson(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     return (x * y).sum(dim) / (x.norm(dim=dim) * y.norm(dim=dim) + 1e-8)
 
 
-def dist(*, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0,
+def dist(*, beta: Annotated[float, Range(ge=0)] = 1.0, gamma: Annotated[float, Range(ge=0)] = 1.0,
+         tau: Annotated[float, Range(gt=0)] = 1.0,
          ensemble: Literal["mean_prob", "mean_logit"] = "mean_prob"):
     """DIST (Huang et al. 2022): tau^2 * (beta * inter-class + gamma * intra-class (1 - Pearson) relation)."""
 

@@ -34,12 +34,12 @@ Notes for kdkit:
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
-from kdkit.api import KdkitError, hookimpl, teacher_log_probs
+from kdkit.api import KdkitError, Range, hookimpl, teacher_log_probs
 
 
 def split_target(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,8 @@ def split_target(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return torch.cat([log_p_target, log_p_others], dim=-1), others - log_p_others
 
 
-def dkd(*, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0,
+def dkd(*, alpha: Annotated[float, Range(ge=0)] = 1.0, beta: Annotated[float, Range(ge=0)] = 8.0,
+        tau: Annotated[float, Range(gt=0)] = 4.0,
         ensemble: Literal["mean_prob", "mean_logit"] = "mean_prob"):
     """Decoupled KD (Zhao et al. 2022): tau^2 * (alpha * TCKD + beta * NCKD), target: the class `target` weighs most."""
 

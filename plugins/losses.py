@@ -5,12 +5,12 @@ before mixing, ``teacher_logits`` a list with one tensor per teacher named by th
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from kdkit.api import hookimpl, teacher_log_probs
+from kdkit.api import Range, hookimpl, teacher_log_probs
 
 
 
@@ -25,7 +25,7 @@ def ce():
     return loss
 
 
-def kl(*, tau: float = 1.0, reduction: Literal["batchmean", "numel"] = "batchmean",
+def kl(*, tau: Annotated[float, Range(gt=0)] = 1.0, reduction: Literal["batchmean", "numel"] = "batchmean",
        ensemble: Literal["mean_prob", "mean_logit"] = "mean_prob"):
     """The paper's Eq. (5) term: tau^2 * KL(softmax(teacher/tau) || softmax(student/tau))."""
 

@@ -6,12 +6,17 @@ prefixes. ``small_input`` and ``width`` make a light RedNet that trains on 32 px
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from timm.layers import DropPath
 from torch import nn
 
-from kdkit.api import KdkitError, PooledStudent, hookimpl
+from kdkit.api import KdkitError, PooledStudent, Range, hookimpl
 from kdkit_plugins.involution import Involution2d
+from kdkit_plugins.sizes import Channels, Classes, DropRate
+
+WidthMultiplier = Annotated[float, Range(gt=0, le=8)]  # of every stage's channels
 
 # Bottleneck blocks per stage, by depth.
 STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -160,14 +165,14 @@ def _accept_mmcls_keys(module, state_dict, prefix, *args) -> None:
     state_dict.update(converted)
 
 
-def rednet_teacher(*, num_classes: int, depth: int = 26, in_chans: int = 3, small_input: bool = False,
-                   width: float = 1.0) -> nn.Module:
+def rednet_teacher(*, num_classes: Classes, depth: int = 26, in_chans: Channels = 3, small_input: bool = False,
+                   width: WidthMultiplier = 1.0) -> nn.Module:
     """RedNet-26/38/50/101/152 (involution) returning logits; ``checkpoint`` also takes official mmcls files."""
     return RedNet(depth, num_classes=num_classes, in_chans=in_chans, small_input=small_input, width=width)
 
 
-def rednet_student(*, depth: int = 26, in_chans: int = 3, small_input: bool = False, width: float = 1.0,
-                   drop_path_rate: float = 0.0) -> nn.Module:
+def rednet_student(*, depth: int = 26, in_chans: Channels = 3, small_input: bool = False,
+                   width: WidthMultiplier = 1.0, drop_path_rate: DropRate = 0.0) -> nn.Module:
     """RedNet-26/38/50/101/152 (involution) returning its pooled features as ``pool``."""
     return PooledStudent(RedNet(depth, num_classes=0, in_chans=in_chans, small_input=small_input, width=width,
                                 drop_path_rate=drop_path_rate))

@@ -6,6 +6,7 @@ from timm.models import RegNet, ResNet
 from torch import nn
 
 from kdkit.api import KdkitError, PooledStudent, did_you_mean, hookimpl
+from kdkit_plugins.sizes import Channels, Classes, DropRate
 
 
 def _stride_one_3x3(conv: nn.Conv2d) -> nn.Conv2d:
@@ -42,14 +43,14 @@ def _create(model: str, small_input: bool = False, **kwargs) -> nn.Module:
     return use_small_input_stem(created, model) if small_input else created
 
 
-def timm_student(*, model: str, in_chans: int = 3, small_input: bool = False, drop_path_rate: float = 0.0,
+def timm_student(*, model: str, in_chans: Channels = 3, small_input: bool = False, drop_path_rate: DropRate = 0.0,
                  model_kwargs: dict | None = None) -> nn.Module:
     """A timm model (``model``: any timm name) returning its pooled embedding as ``pool``."""
     return PooledStudent(_create(model, small_input, num_classes=0, in_chans=in_chans,
                                  drop_path_rate=drop_path_rate, **(model_kwargs or {})))
 
 
-def timm_teacher(*, model: str, num_classes: int, in_chans: int = 3, small_input: bool = False,
+def timm_teacher(*, model: str, num_classes: Classes, in_chans: Channels = 3, small_input: bool = False,
                  pretrained: bool = False, model_kwargs: dict | None = None) -> nn.Module:
     """A timm model (``model``: any timm name) returning logits; ``pretrained`` uses timm's loader."""
     return _create(model, small_input, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,

@@ -19,6 +19,7 @@ from torch import nn
 
 from kdkit.api import KdkitError, hookimpl
 from kdkit_plugins.rednet import rednet_stem
+from kdkit_plugins.sizes import AttentionHeads, Channels, Depth, DropRate, ImageSize, PatchSize, Width
 
 # DeiT-Ti and DeiT-S, as in the paper; drop path 0.1 is DeiT's training recipe, which the paper follows.
 PRESETS = {
@@ -153,10 +154,10 @@ def _check(tokens: list[str], token_kind: str, arch: dict) -> None:
 
 
 def vit(*, preset: Literal["ti", "s"] = "ti", tokens: list[str] = ["cls"],  # noqa: B006 (copied, never mutated)
-        token_kind: Literal["learned", "stem"] = "learned", img_size: int | None = None,
-        patch_size: int | None = None, in_chans: int = 3, depth: int | None = None,
-        embed_dim: int | None = None, num_heads: int | None = None,
-        drop_path_rate: float | None = None) -> nn.Module:
+        token_kind: Literal["learned", "stem"] = "learned", img_size: ImageSize | None = None,
+        patch_size: PatchSize | None = None, in_chans: Channels = 3, depth: Depth | None = None,
+        embed_dim: Width | None = None, num_heads: AttentionHeads | None = None,
+        drop_path_rate: DropRate | None = None) -> nn.Module:
     """A DeiT-style ViT (preset ti or s; unset keys take the preset's value) with one embedding per token."""
     overrides = dict(img_size=img_size, patch_size=patch_size, depth=depth, embed_dim=embed_dim,
                      num_heads=num_heads, drop_path_rate=drop_path_rate)

@@ -74,7 +74,7 @@ def test_plugins_command_lists_kinds_keys_and_distributions(cli):
     rows = {(r["kind"], r["name"]): r for r in json.loads(result.stdout)}
     kl = rows[("loss", "kl")]
     assert kl["distribution"] == "kdkit"
-    assert {"key": "tau", "type": "float", "default": 1.0} in kl["keys"]
+    assert {"key": "tau", "type": "float", "range": "> 0", "default": 1.0} in kl["keys"]
     assert ("student", "timm") in rows and ("teacher", "timm") in rows
     table = cli("plugins")
     assert table.exit_code == 0 and "linear" in table.stdout
