@@ -49,6 +49,11 @@ def reported():
     except KeyboardInterrupt:
         raise fail(KeyboardInterrupt("interrupted"), 130) from None
     except Exception as exc:
+        from kdkit._distributed import timed_out
+
+        lost = timed_out(exc)  # under torchrun: another process stalled
+        if lost is not None:
+            raise fail(lost, 1) from None
         err.print_exception()
         raise fail(exc, 1) from None
 

@@ -74,6 +74,7 @@ class Plugins:
             distribution = ep.dist.name if ep.dist else "?"
             try:
                 module = ep.load()
+                self.check_hooks(module)
             except Exception as exc:  # a broken third-party plugin must not take kdkit down
                 warnings.warn(
                     f"kdkit plugin entry point {ep.name!r} ({ep.value}) of distribution "
@@ -90,15 +91,42 @@ class Plugins:
         try:
             for name, callback in callbacks.items():
                 self.manager.register(callback, name=f"callback:{name}:{id(callback)}")
-            try:
-                self.manager.check_pending()  # a misspelt hook name fails now, not silently
-            except pluggy.PluginValidationError as exc:
-                raise PluginError(f"callback {exc.plugin_name.split(':')[1]!r}: {exc}") from None
             yield
         finally:
             for callback in callbacks.values():
                 if self.manager.is_registered(callback):
                     self.manager.unregister(callback)
+
+    def check_hooks(self, plugin: object) -> None:
+        """PluginError for a function meant as a hook that pluggy would refuse, or ignore without a word.
+
+        Meant as a hook: marked ``@hookimpl``, or, in a plugin module, any public ``kdkit_`` function
+        (pluggy matches module functions by marker only). Unmarked methods of a callback object are its
+        own helpers. A hook's arguments are checked against its spec by pluggy itself, on a scratch manager.
+        """
+        hooks = [name for name in dir(hookspecs) if self.manager.parse_hookspec_opts(hookspecs, name)]
+        for name in dir(plugin):
+            marked = self.manager.parse_hookimpl_opts(plugin, name) is not None
+            in_module = (isinstance(plugin, types.ModuleType) and name.startswith("kdkit_")
+                         and inspect.isroutine(getattr(plugin, name)))
+            if (marked or in_module) and name not in hooks:
+                raise PluginError(f"{name!r} is no kdkit hook{did_you_mean(name, hooks)}")
+            if in_module and not marked:
+                raise PluginError(f"{name!r} is not marked @api.hookimpl, so it is never called")
+        scratch = pluggy.PluginManager("kdkit")
+        scratch.add_hookspecs(hookspecs)
+        try:
+            scratch.register(plugin)
+        except pluggy.PluginValidationError as exc:  # its first line names the scratch manager's plugin id
+            raise PluginError("; ".join(str(exc).splitlines()[1:])) from None
+
+    def check_callbacks(self, callbacks: dict[str, object]) -> None:
+        """Every callback's hooks (``check_hooks``), checked when a run builds them, before it writes anything."""
+        for name, callback in callbacks.items():
+            try:
+                self.check_hooks(callback)
+            except PluginError as exc:
+                raise PluginError(f"callback {name!r}: {exc}") from None
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.registries[kind].module_dict)

@@ -1,9 +1,9 @@
 """TOML recipes: ``extends`` inheritance, ``-o key.path=value`` overrides, and the resolved text.
 
 mmengine's Config reads no TOML and keeps override values as strings, so this small layer is
-kdkit's own. Tables merge key by key; arrays (and array-of-tables such as ``[[losses]]``) are
-replaced whole. Relative paths inside a recipe (``extends``, ``data.root``, ``teachers.*.checkpoint``)
-are relative to the file that wrote them.
+kdkit's own (tomllib reads the files, tomli-w writes the resolved text). Tables merge key by key;
+arrays (and array-of-tables such as ``[[losses]]``) are replaced whole. Relative paths inside a recipe
+(``extends``, ``data.root``, ``teachers.*.checkpoint``) are relative to the file that wrote them.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+import tomli_w
 
 from kdkit._errors import RecipeError
 
@@ -48,7 +50,8 @@ class Recipe:
         return RecipeError(message, file=self.where(key), key=key)
 
     def to_toml(self) -> str:
-        return dumps_toml(self.table)
+        """The resolved recipe as TOML text (tomli-w's: any key or string a recipe can hold round-trips)."""
+        return tomli_w.dumps(self.table)
 
     def hash(self) -> str:
         """Stable hash of the resolved recipe, for comparing runs."""
@@ -204,56 +207,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     return Recipe(table=table, path=path.resolve(), origins=origins)
 
 
-def dumps_toml(table: dict) -> str:
-    """Write a recipe table back as TOML (tables, arrays of tables, scalars and arrays)."""
-    lines: list[str] = []
-    _dump_table(table, [], lines)
-    return "\n".join(lines).strip() + "\n"
-
-
-def _dump_table(table: dict, prefix: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_list(v)}
-    for key, value in scalars.items():
-        lines.append(f"{_key(key)} = {_value(value)}")
-    for key, value in table.items():
-        if isinstance(value, dict):
-            lines += ["", f"[{'.'.join(_key(p) for p in (*prefix, key))}]"]
-            _dump_table(value, [*prefix, key], lines)
-        elif _is_table_list(value):
-            for item in value:
-                lines += ["", f"[[{'.'.join(_key(p) for p in (*prefix, key))}]]"]
-                _dump_table(item, [*prefix, key], lines)
-
-
-def _is_table_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
 def diff_tables(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every leaf that differs (a missing side shows as ``(unset)``)."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     unset = "(unset)"
-    return [f"{key}: {_value(flat_old[key]) if key in flat_old else unset} -> "
-            f"{_value(flat_new[key]) if key in flat_new else unset}"
+    return [f"{key}: {_shown(flat_old[key]) if key in flat_old else unset} -> "
+            f"{_shown(flat_new[key]) if key in flat_new else unset}"
             for key in sorted(flat_old.keys() | flat_new.keys()) if flat_old.get(key, unset) != flat_new.get(key, unset)]
+
+
+def _shown(value: Any) -> str:
+    """A leaf value in a message (JSON reads like the TOML literal for strings, numbers, booleans, arrays)."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

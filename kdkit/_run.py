@@ -75,6 +75,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     progress, console = progress and processes.is_main, console if processes.is_main else None
     recipe = load_recipe(recipe_path, list(overrides))
     exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
+    callbacks = build_callbacks(exp, plugins, progress, processes)  # their hooks are checked with the recipe
     rundir = RunDir(out or default_run_dir(recipe))
     if resume:
         processes.on_main(lambda: check_resumable(rundir, recipe, allow_changes))
@@ -84,7 +85,6 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     device = processes.device()
     parts = prepare(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console,
                     processes=processes)
-    callbacks = build_callbacks(exp, plugins, progress, processes)
     fixed = facts(exp, parts, recipe, plugins, processes)
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
     trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary,
@@ -223,10 +223,12 @@ def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes
     """Every run's callbacks (files, checkpoints, export), the progress display if asked, and the recipe's.
 
     A callback marked ``main_process_only`` (one that writes files or prints) joins rank 0's run alone.
+    A function meant as a hook that is none (a misspelt name) is a PluginError, exit 2.
     """
     names = [*RUN_CALLBACKS, *(["progress"] if progress else [])]
     callbacks = {name: plugins.get("callback", name)() for name in names if name not in exp.callbacks}
     callbacks.update({name: spec.build(plugins) for name, spec in exp.callbacks.items()})
+    plugins.check_callbacks(callbacks)
     return {name: callback for name, callback in callbacks.items()
             if processes.is_main or not getattr(callback, "main_process_only", False)}
 

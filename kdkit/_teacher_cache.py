@@ -291,7 +291,7 @@ def open_caches(exp, parts, device, *, build: bool = True, processes: Processes 
                 if not cache.complete:
                     build_cache(cache, exp, parts, teacher, device, rank=processes.rank, world=processes.world,
                                 progress=progress)
-                    processes.barrier()
+                    processes.wait_for_all()  # the shares may be uneven (a build resumed)
                     if not cache.complete:
                         processes.on_main(lambda: cache.finish())
             finally:

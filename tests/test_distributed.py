@@ -12,6 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kdkit._distributed import collective_timeout_s
+from kdkit._errors import KdkitError
+
 from conftest import make_distribution
 
 # No BatchNorm in the student (test_vit), no drop path, no mixing: what makes 2 processes equal 1.
@@ -64,6 +67,8 @@ from kdkit import api
 def kdkit_step_end(trainer, logged):
     if trainer.state.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")) and trainer.is_main:
         os.kill(os.getpid(), signal.SIGTERM)
+    if trainer.state.step == int(os.environ.get("KDKIT_TEST_STOP_AT_STEP", "-1")) and not trainer.is_main:
+        os.kill(os.getpid(), signal.SIGSTOP)  # a stalled peer
 '''
 pytestmark = pytest.mark.slow
 
@@ -137,6 +142,22 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(setup):
     assert result.returncode != 0
     assert "train.batch_size: 15 does not split into 2 processes x 1 micro-batches" in result.stderr
     assert not (root / "odd").exists()
+
+
+def test_a_stalled_process_ends_the_run_naming_the_ranks(setup):
+    root, env = setup
+    result = kdkit_run(root, env, "stalled", processes=2, KDKIT_TEST_STOP_AT_STEP="2", KDKIT_COLLECTIVE_TIMEOUT_S="5")
+    assert result.returncode != 0
+    assert ("rank 0 of 2" in result.stderr and "waited 5 s (KDKIT_COLLECTIVE_TIMEOUT_S) in a collective operation "
+            "for rank(s) 1" in result.stderr), result.stderr[-3000:]
+    assert json.loads((root / "stalled" / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-5", "inf", "soon"])
+def test_a_bad_collective_timeout_is_refused(value, monkeypatch):
+    monkeypatch.setenv("KDKIT_COLLECTIVE_TIMEOUT_S", value)
+    with pytest.raises(KdkitError, match=f"KDKIT_COLLECTIVE_TIMEOUT_S='{value}': expected a number of seconds > 0"):
+        collective_timeout_s()
 
 
 def free_port() -> int:

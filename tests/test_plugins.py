@@ -8,7 +8,7 @@ import pytest
 from kdkit._errors import PluginError
 from kdkit._plugins import Plugins, PluginWarning
 
-from conftest import make_distribution
+from conftest import TWO_TEACHER_RECIPE, make_distribution
 
 
 def test_builtins_register_through_the_entry_point_group():
@@ -103,3 +103,90 @@ def test_the_api_exports_what_it_lists():
 
     assert all(hasattr(api, name) for name in api.__all__)
     assert all(not name.startswith("_") for name in api.__all__)
+
+
+MISSPELT_CALLBACK = """
+    from kdkit import api
+
+    class Late:
+        @api.hookimpl
+        def kdkit_epoch_ended(self, trainer, row):
+            pass
+
+    def late():
+        '''A callback whose hook name is misspelt.'''
+        return Late()
+
+    @api.hookimpl
+    def kdkit_register_callbacks(registry):
+        registry.register_module("late", module=late)
+    """
+
+
+def test_a_misspelt_callback_hook_is_refused_before_anything_is_written(tmp_path, monkeypatch, write_recipe, cli):
+    make_distribution(tmp_path, "kdkit-late", {"late_plugin": MISSPELT_CALLBACK}, {"late": "late_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins()
+    plugins.load_entry_points()
+    monkeypatch.setattr("kdkit._run.default_plugins", lambda: plugins)
+    recipe = write_recipe(TWO_TEACHER_RECIPE + "\n[callbacks.late]\n")
+    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers")
+    assert result.exit_code == 2, result.output
+    assert "callback 'late': 'kdkit_epoch_ended' is no kdkit hook (did you mean: kdkit_epoch_end" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_callback_hooks_are_checked_and_unmarked_helpers_ignored():
+    from kdkit import api
+
+    class Helpers:
+        @api.hookimpl
+        def kdkit_epoch_end(self, trainer, row):
+            pass
+
+        def kdkit_summary_line(self):  # not marked: the callback's own helper
+            pass
+
+    class WrongArgument:
+        @api.hookimpl
+        def kdkit_epoch_end(self, trainer, rows):
+            pass
+
+    plugins = Plugins()
+    plugins.check_callbacks({"helpers": Helpers()})
+    with pytest.raises(PluginError, match=r"callback 'wrong': .*kdkit_epoch_end\(trainer, rows\).*\{'rows'\}"):
+        plugins.check_callbacks({"wrong": WrongArgument()})
+
+
+@pytest.mark.parametrize("marker", ["@api.hookimpl", ""])
+def test_a_misspelt_module_hook_is_the_broken_plugin_warning(tmp_path, monkeypatch, marker):
+    source = f"""
+        from kdkit import api
+
+        def my_loss():
+            '''A loss that never registers.'''
+
+        {marker}
+        def kdkit_register_loss(registry):
+            registry.register_module("my_loss", module=my_loss)
+        """
+    make_distribution(tmp_path, "kdkit-misspelt", {"misspelt_plugin": source}, {"misspelt": "misspelt_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins()
+    with pytest.warns(PluginWarning, match=r"entry point 'misspelt' .* distribution 'kdkit-misspelt' failed to load "
+                      r"and is skipped: PluginError: 'kdkit_register_loss' is no kdkit hook "
+                      r"\(did you mean: kdkit_register_losses"):
+        plugins.load_entry_points()
+    assert "kl" in plugins.names("loss") and "my_loss" not in plugins.names("loss")
+    plugins.manager.check_pending()  # the skipped module left no unknown hook behind
+
+
+def test_a_module_hook_without_its_marker_is_the_broken_plugin_warning(tmp_path, monkeypatch):
+    source = """
+        def kdkit_register_losses(registry):
+            pass
+        """
+    make_distribution(tmp_path, "kdkit-unmarked", {"unmarked_plugin": source}, {"unmarked": "unmarked_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(PluginWarning, match=r"'kdkit_register_losses' is not marked @api.hookimpl"):
+        Plugins().load_entry_points()

@@ -12,6 +12,7 @@ import torch
 import kdkit
 from kdkit._errors import KdkitError
 from kdkit._export import read_meta
+from kdkit._recipe import load_recipe
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -222,3 +223,15 @@ def test_a_held_out_validation_split_selects_and_the_test_split_reports(write_re
     labels = torch.tensor([test[i][1] for i in range(len(test))])
     assert summary["test_top1"]["eval"] == pytest.approx(100.0 * (predictions == labels).float().mean().item())
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["top1"].keys() == summary["top1"].keys()
+
+
+def test_a_unicode_teacher_name_gives_a_run_that_reloads(write_recipe, cli, tmp_path):
+    recipe = write_recipe(TWO_TEACHER_RECIPE.replace("[teachers.conv]", '[teachers."lehrerü"]')
+                          .replace('teachers = ["conv"]', 'teachers = ["lehrerü"]'))
+    overrides = ["train.epochs=1", "data.train_size=32"]
+    result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers",
+                 *(arg for o in overrides for arg in ("-o", o)))
+    assert result.exit_code == 0, result.output
+    written = load_recipe(tmp_path / "out" / "recipe.toml")
+    assert written.table == load_recipe(recipe, overrides).table
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["recipe_hash"] == written.hash()
