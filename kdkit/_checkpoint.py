@@ -78,17 +78,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise RunFailed(f"cannot write {path}: {reason(exc)}{intact}") from exc
 
 
-def reason(exc: BaseException) -> str:
-    """Why a write failed: the OS error behind ``exc`` (torch reports a full disk as a ``RuntimeError``
-    raised while handling it), or ``exc`` itself."""
-    cause = exc
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.strerror:
-        return cause.strerror
-    return str(exc) or type(exc).__name__
-
-
 def temporary_path(path: Path, pid: int) -> Path:
     """Where process ``pid`` writes ``path`` before renaming it: ``.<name>.<pid>.tmp`` beside it."""
     return path.with_name(f".{path.name}.{pid}.tmp")
@@ -138,8 +127,15 @@ def check_fits(model: nn.Module, state: object, path: str | Path) -> None:
 
 
 def reason(exc: BaseException) -> str:
-    """The gist of a reader's exception, on one line (torch's weights-only refusal: its cause, not its advice)."""
+    """Why a read or write failed, on one line: the OS error behind ``exc`` (torch reports a full disk as a
+    ``RuntimeError`` raised while handling it), else the gist of ``exc``'s message (torch's weights-only
+    refusal: its cause, not its advice)."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         lines = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
-    return lines[0].split(". ")[0][:300] if lines else type(exc).__name__
+    return lines[0][:300] if lines else type(exc).__name__

@@ -55,7 +55,8 @@ def acquire(directory: Path, waiting: Callable[[str], None] | None = None) -> No
     if key in _held:
         _held[key][1] += 1
         return
-    file = open(key / LOCK_FILE, "a+")
+    # held through a read-only descriptor, so a file system can still be remounted read-only under a run
+    file = os.fdopen(os.open(key / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666), "r")
     try:
         if not _try_lock(file):
             busy = f"{directory}: in use by another kdkit process ({_named(file)})"
@@ -66,10 +67,7 @@ def acquire(directory: Path, waiting: Callable[[str], None] | None = None) -> No
     except BaseException:
         file.close()
         raise
-    file.seek(0)
-    file.truncate()
-    file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
+    (key / LOCK_FILE).write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
     _held[key] = [file, 1]
 
 

@@ -267,11 +267,14 @@ def test_a_forked_child_never_keeps_the_lock(tmp_path):
 
     _lock.acquire(tmp_path)
     read, write = os.pipe()
+    forked, ready = os.pipe()
     child = os.fork()
     if child == 0:  # as a data loader's worker: it outlives the lock's release below
+        os.write(ready, b"x")  # the at-fork hooks have run by now
         os.read(read, 1)
         os._exit(0)
     try:
+        os.read(forked, 1)
         _lock.release(tmp_path)
         assert _lock.holder(tmp_path) is None  # free, although the child still has the parent's descriptors
     finally:
