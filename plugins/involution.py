@@ -68,6 +68,8 @@ class _Involution(torch.autograd.Function):
     def forward(ctx, x, kernel, kernel_size, stride):
         ctx.save_for_backward(x, kernel)
         ctx.kernel_size, ctx.stride = kernel_size, stride
+        if torch.jit.is_tracing():
+            return _unfolded(x, kernel, kernel_size, stride)
         x_pad, weights = _channels_last(x, kernel, kernel_size)
         b, h_out, w_out = x.shape[0], *kernel.shape[3:]
         out = x_pad.new_zeros(b, h_out, w_out, *x_pad.shape[3:])
@@ -99,6 +101,18 @@ class _Involution(torch.autograd.Function):
             grad_kernel = grad_weights.squeeze(-1).permute(1, 4, 0, 2, 3)
             grad_kernel = grad_kernel.to(kernel.dtype, memory_format=torch.contiguous_format)
         return grad_x, grad_kernel, None, None
+
+
+def _unfolded(x, kernel, kernel_size, stride):
+    """``involution`` through one K*K-fold ``F.unfold`` buffer: a few operators for a JIT trace (the FLOP
+    count) to record, where the loop over offsets records hundreds per layer (seconds per network)."""
+    b, c, _, _ = x.shape
+    groups, taps, h_out, w_out = kernel.shape[1:]
+    dtype = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
+    windows = F.unfold(x.to(dtype), kernel_size, padding=(kernel_size - 1) // 2, stride=stride)
+    windows = windows.view(b, groups, c // groups, taps, h_out, w_out)
+    out = (windows * kernel.to(dtype).unsqueeze(2)).sum(dim=3).view(b, c, h_out, w_out)
+    return out.to(torch.promote_types(x.dtype, kernel.dtype))
 
 
 def _channels_last(x, kernel, kernel_size):

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny recipes on fake data, and the CLI runner."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -17,6 +18,18 @@ from kdkit._run import prepare
 from kdkit._rundir import RunDir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# One thread per test process, and per kdkit process a test starts: the models are tiny, and
+# pytest-xdist runs one test process per core (threads on top of that only wait for each other).
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Every test process writes trained teachers and decoded data under its own ``$KDKIT_CACHE``, never the
+    user's (tests that need a cache of their own still set one)."""
+    os.environ["KDKIT_CACHE"] = str(tmp_path_factory.mktemp("kdkit-cache"))
 
 # Two timm teachers, one timm student with three heads on its pooled embedding: seconds on a CPU.
 TWO_TEACHER_RECIPE = """

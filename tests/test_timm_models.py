@@ -32,7 +32,9 @@ def test_student_returns_its_pooled_embedding():
     assert set(out) == {"pool"} and out["pool"].shape == (2, student.embedding_dims["pool"]) == (2, 512)
 
 
-def test_unknown_model_and_offline_pretrained_are_clear():
+def test_unknown_model_and_offline_pretrained_are_clear(monkeypatch):
+    # huggingface_hub's offline mode (HF_HUB_OFFLINE=1): the same failure as no network, without its ~50 s of retries
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(KdkitError, match="timm has no model named 'resnet1888'"):
         kdkit.build_model("teacher", plugin="timm", model="resnet1888", num_classes=10)
     with pytest.raises(KdkitError, match="could not load pretrained weights for 'resnet18'"):
