@@ -25,6 +25,12 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end tests (``slow``) first: under pytest-xdist the long ones then start at once, and the
+    short ones fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
     """Every test process writes trained teachers and decoded data under its own ``$KDKIT_CACHE``, never the

@@ -99,6 +99,8 @@ def real_cifar10():
     return splits, time.perf_counter() - start
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("cifar10")
 def test_cifar10_archive(real_cifar10):
     splits, seconds = real_cifar10
     print(f"CIFAR-10 load (decoding unless cached): {seconds:.1f} s")
@@ -111,6 +113,8 @@ def test_cifar10_archive(real_cifar10):
     assert splits.train.images.dtype == torch.uint8 and splits.train.images.shape == (50_000, 32, 32, 3)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("cifar10")
 def test_cifar10_second_load_hits_the_cache(real_cifar10, monkeypatch):
     splits, _ = real_cifar10
     monkeypatch.setattr(datasets, "_decode_tree", lambda source: pytest.fail("decoded again"))

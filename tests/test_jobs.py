@@ -14,7 +14,7 @@ from kdkit._jobs import Job, run_jobs
 
 
 class StandIn:
-    """A ``Popen`` stand-in: ``poll`` calls ``on_poll``, then returns ``exit`` (None: still running)."""
+    """A job's process stand-in: ``poll`` calls ``on_poll``, then returns ``exit`` (None: still running)."""
 
     def __init__(self, exit=None, on_poll=lambda: None):
         self.exit, self.on_poll, self.returncode, self.signals = exit, on_poll, None, []
@@ -33,17 +33,17 @@ class StandIn:
 
 
 class StandIns(dict):
-    """label -> StandIn, handed out by ``popen`` for the job of that label; ``started``: labels in order."""
+    """label -> StandIn, handed out by ``launch`` for the job of that label; ``started``: labels in order."""
 
     def __init__(self, monkeypatch, **stand_ins):
         super().__init__(stand_ins)
         self.started = []
-        monkeypatch.setattr(kdkit._jobs.subprocess, "Popen", self.popen)
+        monkeypatch.setattr(kdkit._jobs, "launch", self.launch)
         monkeypatch.setattr(kdkit._jobs.time, "sleep", lambda seconds: None)
 
-    def popen(self, args, **kwargs):
-        self.started.append(args[-1])
-        return self[args[-1]]
+    def launch(self, job, threads):
+        self.started.append(job.label)
+        return self[job.label]
 
 
 def jobs(tmp_path: Path, *labels: str) -> list[Job]:

@@ -10,6 +10,8 @@ import kdkit
 from conftest import SHARED_DATA
 
 ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
+# With the archive tests of test_datasets: one test process decodes CIFAR-10 into its cache, once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cifar10")]
 
 
 @pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"{ARCHIVE} is not here")

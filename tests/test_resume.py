@@ -3,6 +3,7 @@ with the same student, bit for bit, as a run that was never stopped; changed rec
 refused; an extended run follows the new schedule; failures keep the last good checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,9 +14,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import kdkit
+from kdkit._cli import app
 from kdkit._engine import Trainer
+from kdkit._plugins import default_plugins
 
 from conftest import TWO_TEACHER_RECIPE, contributing_example, make_distribution, make_trainer
 
@@ -28,13 +32,19 @@ RESUME_RECIPE = TWO_TEACHER_RECIPE.replace('model = "test_vit"\nmodel_kwargs = {
 
 SIGNAL_PLUGIN = '''
 """Test plugin: after optimizer step $KDKIT_TEST_SIGNAL_AT_STEP this process signals itself, or with
-$KDKIT_TEST_SIGNAL_PARENT=process its parent (=group: its parent's process group, as a terminal's Ctrl-C
-does) and waits for the signal to be passed back to it."""
+$KDKIT_TEST_SIGNAL_PARENT=process the compare command that started it (=group: its parent's process group, as a terminal's Ctrl-C
+does) and waits for the signal to be passed back to it (``trainer.stop``: the engine's, read by this test only)."""
 import os
 import signal
 import time
 
 from kdkit import api
+
+
+def compare_pid():
+    """The compare command that started this run: the parent of the fork server it was forked from."""
+    with open(f"/proc/{os.getppid()}/stat") as stat:  # "pid (name) state ppid ..."
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 @api.hookimpl
@@ -43,27 +53,52 @@ def kdkit_step_end(trainer, logged):
         signum = getattr(signal, os.environ.get("KDKIT_TEST_SIGNAL", "SIGTERM"))
         parent = os.environ.get("KDKIT_TEST_SIGNAL_PARENT")
         if parent == "group":
-            os.killpg(os.getpgid(os.getppid()), signum)
+            os.killpg(os.getpgid(compare_pid()), signum)
         elif parent == "process":
-            os.kill(os.getppid(), signum)
+            os.kill(compare_pid(), signum)
         else:
             for _ in range(int(os.environ.get("KDKIT_TEST_SIGNAL_COUNT", "1"))):
                 os.kill(os.getpid(), signum)
-        if parent:
-            time.sleep(5)
+        while parent and trainer.stop.signum is None:  # until the parent passes the signal back
+            time.sleep(0.05)
 '''
 TIMING = {"images_per_s", "wall_s"}
+pytestmark = pytest.mark.xdist_group("resume")  # one worker runs the reference run, once
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """An environment whose Python finds the signalling plugin and the EMA callback by entry point."""
+def site(tmp_path_factory):
+    """A folder with the signalling plugin and the EMA callback, found by entry point."""
     site = tmp_path_factory.mktemp("site")
     make_distribution(site, "kdkit-test-signals", {"kdkit_test_signals": SIGNAL_PLUGIN,
                                                    "kdkit_ema": contributing_example("kdkit_ema.py")},
                       {"signals": "kdkit_test_signals", "ema": "kdkit_ema"})
+    return site
+
+
+@pytest.fixture(scope="module")
+def env(site):
+    """An environment whose Python finds the test plugins."""
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def plugins_here(site):
+    """This process sees the test plugins too: what is not about signals runs here, not in a new process."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(site))
+        default_plugins.cache_clear()
+        try:
+            yield
+        finally:
+            default_plugins.cache_clear()
+
+
+@pytest.fixture
+def here(site):
+    with plugins_here(site):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +109,24 @@ def recipe(tmp_path_factory):
 
 
 def kdkit_run(recipe, out, env, *args, **signal_env):
+    """``kdkit run`` in a new process (which a signal can stop)."""
     return subprocess.run([sys.executable, "-m", "kdkit", "run", str(recipe), "--out", str(out),
                            "--allow-random-teachers", *args],
                           env={**env, **{k: str(v) for k, v in signal_env.items()}}, capture_output=True, text=True)
 
 
+def kdkit_here(*args):
+    """A ``kdkit`` command line run in this process."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 @pytest.fixture(scope="module")
-def reference(recipe, env, tmp_path_factory):
+def reference(recipe, site, tmp_path_factory):
     """The run nobody stopped."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    result = kdkit_run(recipe, out, env)
-    assert result.returncode == 0, result.stderr
+    with plugins_here(site):
+        result = kdkit_here("run", recipe, "--out", out, "--allow-random-teachers")
+    assert result.exit_code == 0, result.output
     return out
 
 
@@ -108,7 +150,7 @@ def assert_same_run(run, reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("at_step, signame, epoch, batch", [(4, "SIGTERM", 1, 1), (3, "SIGINT", 0, 3)],
                          ids=["sigterm-mid-epoch", "sigint-after-an-epochs-last-step"])
-def test_a_stopped_run_resumes_bit_for_bit(at_step, signame, epoch, batch, recipe, env, reference, tmp_path):
+def test_a_stopped_run_resumes_bit_for_bit(at_step, signame, epoch, batch, recipe, env, reference, site, tmp_path):
     """``epoch`` completed epochs and ``batch`` steps into the next one when the signal arrives."""
     out = tmp_path / "run"
     stopped = kdkit_run(recipe, out, env, KDKIT_TEST_SIGNAL_AT_STEP=at_step, KDKIT_TEST_SIGNAL=signame)
@@ -121,14 +163,15 @@ def test_a_stopped_run_resumes_bit_for_bit(at_step, signame, epoch, batch, recip
     assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (epoch, batch, at_step)
     assert not (out / "student.safetensors").exists()
 
-    resumed = kdkit_run(recipe, out, env, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {out} at epoch {epoch + 1}, step {batch}" in resumed.stderr
+    with plugins_here(site):
+        resumed = kdkit_here("run", recipe, "--out", out, "--allow-random-teachers", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {out} at epoch {epoch + 1}, step {batch}" in resumed.output
     assert_same_run(out, reference)
 
 
 @pytest.mark.slow
-def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint(recipe, env, tmp_path):
+def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint(recipe, env, here, tmp_path):
     out = tmp_path / "run"
     stopped = kdkit_run(recipe, out, env, KDKIT_TEST_SIGNAL_AT_STEP=5, KDKIT_TEST_SIGNAL_COUNT=2)
     assert stopped.returncode == 128 + signal.SIGTERM
@@ -136,15 +179,15 @@ def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint(recipe, en
     assert (checkpoint["epoch"], checkpoint["batch"]) == (1, 0)
     assert json.loads((out / "summary.json").read_text())["status"] == "running"  # nothing could record more
     assert not list(out.rglob("*.tmp"))
-    resumed = kdkit_run(recipe, out, env, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = kdkit_here("run", recipe, "--out", out, "--allow-random-teachers", "--resume")
+    assert resumed.exit_code == 0, resumed.output
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signame, to", [("SIGTERM", "process"), ("SIGINT", "group")],
                          ids=["sigterm-to-compare", "ctrl-c-to-compares-process-group"])
 def test_compare_passes_a_signal_on_to_its_runs_and_the_same_command_resumes_them(signame, to, recipe, env, reference,
-                                                                                  tmp_path):
+                                                                                  site, tmp_path):
     """Each run gets the signal once (a second would stop it at once, without a checkpoint at its step)."""
     command = [sys.executable, "-m", "kdkit", "compare", str(recipe), "--seeds", "0", "--runs", str(tmp_path),
                "--jobs", "2", "--allow-random-teachers"]
@@ -159,17 +202,18 @@ def test_compare_passes_a_signal_on_to_its_runs_and_the_same_command_resumes_the
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (1, 1, 4)  # stopped after step 4
 
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    with plugins_here(site):
+        resumed = kdkit_here(*command[3:])
+    assert resumed.exit_code == 0, resumed.output
     assert_same_run(run, reference)
 
 
-def test_resume_refuses_a_changed_recipe_and_leaves_the_run_alone(recipe, reference, env):
+def test_resume_refuses_a_changed_recipe_and_leaves_the_run_alone(recipe, reference, here):
     before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
-    result = kdkit_run(recipe, reference, env, "--resume", "-o", "train.lr=0.002")
-    assert result.returncode == 2
-    assert "the recipe differs from the run's; --allow-changes resumes anyway" in result.stderr
-    assert "train.lr: 0.001 -> 0.002" in result.stderr
+    result = kdkit_here("run", recipe, "--out", reference, "--allow-random-teachers", "--resume", "-o", "train.lr=0.002")
+    assert result.exit_code == 2
+    assert "the recipe differs from the run's; --allow-changes resumes anyway" in result.output
+    assert "train.lr: 0.001 -> 0.002" in result.output
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
 
 
