@@ -60,7 +60,7 @@ def run_jobs(stage: str, jobs: list[Job], parallel: int, console=None) -> float:
                     process = launch(job, threads)
                     running.append((job, process, time.perf_counter()))
                     _say(console, f"[{stage}] {job.label}: started ({threads} threads; log {job.log})")
-                time.sleep(1)
+                time.sleep(0.2)
                 for entry in [e for e in running if e[1].poll() is not None]:
                     job, process, began = entry
                     running.remove(entry)
