@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
 from kdkit._run import prepare
 from kdkit._rundir import RunDir
+from kdkit_plugins import involution_fused
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -23,6 +25,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # pytest-xdist runs one test process per core (threads on top of that only wait for each other).
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_sessionstart(session):
+    """The fused involution's first build takes most of a minute on a new machine: it starts at once, beside
+    the first tests, rather than inside the first test that needs it (each process waits for one build)."""
+    threading.Thread(target=involution_fused.load, daemon=True).start()
 
 
 def pytest_collection_modifyitems(items):

@@ -135,25 +135,29 @@ def test_a_two_process_run_resumes_in_one_process(setup, one_process):
     assert_close_runs(root / "moved", one_process)
 
 
+def start_ranks(root, env, out, *args, **extra_env) -> list[subprocess.Popen]:
+    """Two ``kdkit run`` processes with the environment torchrun gives its ranks, started here: for what is
+    about kdkit's handling, not torchrun's (which, for one, waits 30 s for a stopped rank before killing it)."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "kdkit", "run", "recipe.toml", "--out", out,
+                              "--allow-random-teachers", *args], cwd=root, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**env, **extra_env, "MASTER_ADDR": "localhost", "MASTER_PORT": str(port),
+                                             "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in range(2)]
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(setup):
     root, env = setup
-    result = kdkit_run(root, env, "odd", "-o", "train.batch_size=15", processes=2)
-    assert result.returncode != 0
-    assert "train.batch_size: 15 does not split into 2 processes x 1 micro-batches" in result.stderr
+    ranks = start_ranks(root, env, "odd", "-o", "train.batch_size=15")
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [2, 2]
+    assert all("train.batch_size: 15 does not split into 2 processes x 1 micro-batches" in err for _, err in outputs)
     assert not (root / "odd").exists()
 
 
 def test_a_stalled_process_ends_the_run_naming_the_ranks(setup):
-    """The ranks are started here, with the environment torchrun gives them: torchrun itself would wait 30 s
-    for the stopped rank to exit before it kills it."""
     root, env = setup
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, "-m", "kdkit", "run", "recipe.toml", "--out", "stalled",
-                               "--allow-random-teachers"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**env, "KDKIT_TEST_STOP_AT_STEP": "2", "KDKIT_COLLECTIVE_TIMEOUT_S": "5",
-                                              "MASTER_ADDR": "localhost", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-                                              "RANK": str(rank), "LOCAL_RANK": str(rank)})
-             for rank in range(2)]
+    ranks = start_ranks(root, env, "stalled", KDKIT_TEST_STOP_AT_STEP="2", KDKIT_COLLECTIVE_TIMEOUT_S="5")
     try:
         _, stderr = ranks[0].communicate(timeout=120)
     finally:
