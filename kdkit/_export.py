@@ -56,9 +56,34 @@ def read_meta(path: str | Path) -> dict:
     if not is_export(path):
         raise KdkitError(f"{path}: not a kdkit export (a run directory or its {FILENAME})")
     try:
-        return json.loads(_metadata(path)[META_KEY])
+        meta = json.loads(_metadata(path)[META_KEY])
     except ValueError as exc:
         raise KdkitError(f"{path}: the kdkit metadata is not valid JSON ({exc}): the file is damaged") from None
+    missing = _missing(meta)
+    if missing:
+        raise KdkitError(f"{path}: the kdkit metadata has no {missing}: the file is damaged or was not written by "
+                         "kdkit; export it again (kdkit run --force trains the run again)")
+    return meta
+
+
+def _missing(meta) -> str | None:
+    """The first key ``load`` needs that the metadata lacks (a table, plugin names, keyword tables)."""
+    if not isinstance(meta, dict):
+        return "table"
+    parts = {"student": meta.get("student"), **{f"heads.{k}": v for k, v in _table(meta.get("heads")).items()}}
+    for key, part in parts.items():
+        for field, kind in (("plugin", str), ("kwargs", dict)):
+            if not isinstance(_table(part).get(field), kind):
+                return f"{key}.{field}"
+    if not _table(meta.get("heads")):
+        return "heads"
+    if not isinstance(_table(meta.get("eval")).get("heads"), list):
+        return "eval.heads"
+    return None
+
+
+def _table(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def load(path: str | Path, plugins=None) -> DistillModel:

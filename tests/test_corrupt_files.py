@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import kdkit
 from kdkit import _teacher_cache
 from kdkit._cli import app
 from kdkit._errors import KdkitError
@@ -122,6 +123,26 @@ def test_a_truncated_export_is_refused_by_predict_eval_and_as_a_teacher(run_copy
     refused(cli("run", tmp_path / "student_teacher.toml", "--out", tmp_path / "out", *FAST,
                 "--allow-random-teachers"), message)
     assert snapshot(run) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("drop, missing", [("student", "student.plugin"), ("heads", "heads"),
+                                           ("eval", "eval.heads")])
+def test_export_metadata_without_what_load_needs_is_refused(drop, missing, run_copy, cli, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    export = run_copy[1] / "student.safetensors"
+    with safe_open(str(export), "pt") as f:
+        meta = json.loads(f.metadata()["kdkit"])
+    damaged = tmp_path / "student.safetensors"
+    save_file(load_file(str(export)), str(damaged), metadata={"kdkit": json.dumps({**meta, drop: None})})
+    with pytest.raises(KdkitError, match=f"{damaged}: the kdkit metadata has no {missing}: the file is damaged"):
+        kdkit.load(damaged)
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    refused(cli("predict", damaged, image), f"{damaged}: the kdkit metadata has no {missing}")
 
 
 def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
