@@ -38,7 +38,8 @@ def _create(model: str, small_input: bool = False, **kwargs) -> nn.Module:
     except Exception as exc:
         if kwargs.get("pretrained"):
             raise KdkitError(f"timm could not load pretrained weights for {model!r} (they are downloaded "
-                             f"from the Hugging Face hub; offline, train the teacher or give a checkpoint): {exc}") from exc
+                             f"from the Hugging Face hub; offline, train the teacher or give a checkpoint, and set "
+                             f"HF_HUB_OFFLINE=1 to fail at once rather than after the hub's retries): {exc}") from exc
         raise
     return use_small_input_stem(created, model) if small_input else created
 
