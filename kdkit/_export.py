@@ -67,23 +67,20 @@ def read_meta(path: str | Path) -> dict:
 
 
 def _missing(meta) -> str | None:
-    """The first key ``load`` needs that the metadata lacks (a table, plugin names, keyword tables)."""
+    """The first key ``load`` needs that the metadata lacks (plugin names and keyword tables, the eval heads)."""
     if not isinstance(meta, dict):
         return "table"
-    parts = {"student": meta.get("student"), **{f"heads.{k}": v for k, v in _table(meta.get("heads")).items()}}
-    for key, part in parts.items():
-        for field, kind in (("plugin", str), ("kwargs", dict)):
-            if not isinstance(_table(part).get(field), kind):
-                return f"{key}.{field}"
-    if not _table(meta.get("heads")):
+    heads = meta.get("heads")
+    if not isinstance(heads, dict) or not heads:
         return "heads"
-    if not isinstance(_table(meta.get("eval")).get("heads"), list):
+    for key, part in {"student": meta.get("student"), **{f"heads.{k}": v for k, v in heads.items()}}.items():
+        for field, kind in (("plugin", str), ("kwargs", dict)):
+            if not (isinstance(part, dict) and isinstance(part.get(field), kind)):
+                return f"{key}.{field}"
+    evaluation = meta.get("eval")
+    if not (isinstance(evaluation, dict) and isinstance(evaluation.get("heads"), list)):
         return "eval.heads"
     return None
-
-
-def _table(value) -> dict:
-    return value if isinstance(value, dict) else {}
 
 
 def load(path: str | Path, plugins=None) -> DistillModel:

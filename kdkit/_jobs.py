@@ -94,7 +94,7 @@ class Forked:
         return self.process.exitcode
 
     def poll(self) -> int | None:
-        return self.process.exitcode
+        return self.returncode
 
     def send_signal(self, signum: int) -> None:
         if self.process.exitcode is None:

@@ -108,18 +108,23 @@ def _unfolded(x, kernel, kernel_size, stride):
     count) to record, where the loop over offsets records hundreds per layer (seconds per network)."""
     b, c, _, _ = x.shape
     groups, taps, h_out, w_out = kernel.shape[1:]
-    dtype = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
+    dtype = _compute_dtype(x, kernel)
     windows = F.unfold(x.to(dtype), kernel_size, padding=(kernel_size - 1) // 2, stride=stride)
     windows = windows.view(b, groups, c // groups, taps, h_out, w_out)
     out = (windows * kernel.to(dtype).unsqueeze(2)).sum(dim=3).view(b, c, h_out, w_out)
     return out.to(torch.promote_types(x.dtype, kernel.dtype))
 
 
+def _compute_dtype(x, kernel) -> torch.dtype:
+    """fp32 at least: bf16/fp16 inputs are aggregated in fp32."""
+    return torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
+
+
 def _channels_last(x, kernel, kernel_size):
     """x zero-padded as (B, H_pad, W_pad, G, Cg) and kernel as (K*K, B, H_out, W_out, G, 1), in the compute dtype."""
     b, c, _, _ = x.shape
     groups = kernel.shape[1]
-    dtype = torch.promote_types(torch.promote_types(x.dtype, kernel.dtype), torch.float32)
+    dtype = _compute_dtype(x, kernel)
     p = (kernel_size - 1) // 2
     x_pad = F.pad(x.to(dtype), (p, p, p, p)).permute(0, 2, 3, 1).contiguous()
     x_pad = x_pad.view(*x_pad.shape[:3], groups, c // groups)

@@ -11,7 +11,7 @@
 // layout, vectorized along image rows. The kernels keep their own layout throughout: walking along
 // an output row reads each tap's plane sequentially, K*K short streams that stay in cache.
 // ATen, torch::Tensor and pybind11's tensor casters only: torch/extension.h (all of torch's C++ API)
-// made the first build on a new machine 46 s instead of 29.
+// made the first build on a new machine much slower to compile.
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/types.h>

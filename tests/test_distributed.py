@@ -86,11 +86,15 @@ def setup(tmp_path_factory):
     return root, env
 
 
-def kdkit_run(root, env, out, *args, processes=1, **extra_env):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] \
-        if processes > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "kdkit", "run", "recipe.toml", "--out", str(out),
-                           "--allow-random-teachers", *args], cwd=root, env={**env, **extra_env},
+def kdkit_run_args(out, *args) -> list[str]:
+    """``python`` arguments for a ``kdkit run`` of the module's recipe into ``out``."""
+    return ["-m", "kdkit", "run", "recipe.toml", "--out", str(out), "--allow-random-teachers", *args]
+
+
+def torchrun(root, env, out, *args, **extra_env):
+    """``kdkit run`` as two processes on this machine, started by torchrun."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return subprocess.run([*launcher, *kdkit_run_args(out, *args)], cwd=root, env={**env, **extra_env},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -115,7 +119,7 @@ def assert_close_runs(run, reference, atol=1e-4):
 
 def test_two_processes_train_the_student_one_process_trains(setup, one_process):
     root, env = setup
-    result = kdkit_run(root, env, "two", processes=2)
+    result = torchrun(root, env, "two")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines() == ["two"]  # rank 0 alone prints the run directory
     assert_close_runs(root / "two", one_process)
@@ -126,7 +130,7 @@ def test_two_processes_train_the_student_one_process_trains(setup, one_process):
 
 def test_a_two_process_run_resumes_in_one_process(setup, one_process):
     root, env = setup
-    stopped = kdkit_run(root, env, "moved", processes=2, KDKIT_TEST_SIGNAL_AT_STEP="6")  # epoch 2, step 2 of 4
+    stopped = torchrun(root, env, "moved", KDKIT_TEST_SIGNAL_AT_STEP="6")  # epoch 2, step 2 of 4
     assert stopped.returncode != 0
     checkpoint = torch.load(root / "moved" / "checkpoints" / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["batch"]) == (1, 2)
@@ -139,11 +143,10 @@ def start_ranks(root, env, out, *args, **extra_env) -> list[subprocess.Popen]:
     """Two ``kdkit run`` processes with the environment torchrun gives its ranks, started here: for what is
     about kdkit's handling, not torchrun's (which, for one, waits 30 s for a stopped rank before killing it)."""
     port = free_port()
-    return [subprocess.Popen([sys.executable, "-m", "kdkit", "run", "recipe.toml", "--out", out,
-                              "--allow-random-teachers", *args], cwd=root, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**env, **extra_env, "MASTER_ADDR": "localhost", "MASTER_PORT": str(port),
-                                             "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
-            for rank in range(2)]
+    ranks = [{"MASTER_ADDR": "localhost", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+              "LOCAL_RANK": str(rank)} for rank in range(2)]
+    return [subprocess.Popen([sys.executable, *kdkit_run_args(out, *args)], cwd=root, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**env, **extra_env, **rank}) for rank in ranks]
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(setup):
@@ -186,7 +189,7 @@ def test_two_nodes_on_localhost_make_one_run(setup, one_process):
     root, env = setup
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "kdkit-test"]
-    command = [*launcher, "-m", "kdkit", "run", "recipe.toml", "--out", "nodes", "--allow-random-teachers"]
+    command = [*launcher, *kdkit_run_args("nodes")]
     nodes = [subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdkit_plugins import involution_fused
-from kdkit_plugins.involution import Involution2d, _Involution, fused_applies, involution
+from kdkit_plugins.involution import Involution2d, _Involution, _unfolded, fused_applies, involution
 
 # Both implementations, each held to the float64 reference: the portable K*K-pass operator and the
 # compiled one-pass CPU kernels (skipped where this machine cannot build them).
@@ -152,10 +152,15 @@ def test_the_operator_picks_the_fused_kernels_on_the_cpu_and_the_portable_ones_t
     assert involution(x128, wide, 7, 1).grad_fn.name() == "_InvolutionBackward"  # 128 channels per kernel
     traced = torch.jit.trace(lambda a, k: involution(a, k, 7, 1), (x.detach(), kernel))
     assert "_Involution" in str(traced.graph)
-    torch.testing.assert_close(traced(x.detach(), kernel), involution(x.detach(), kernel, 7, 1))  # the trace's own path
-    x2, kernel2 = random_case(2, 32, 16, (9, 8), 3, 2)
-    strided = torch.jit.trace(lambda a, k: involution(a, k, 3, 2), (x2, kernel2))
-    torch.testing.assert_close(strided(x2, kernel2), reference(x2, kernel2, 3, 2).float())
+    torch.testing.assert_close(traced(x.detach(), kernel), involution(x.detach(), kernel, 7, 1))
+
+
+@pytest.mark.parametrize("kernel_size, stride, size", [(7, 1, (6, 5)), (3, 2, (9, 8))])
+def test_what_a_trace_records_computes_the_involution(kernel_size, stride, size):
+    """While tracing (the FLOP count), the portable operator records one unfold instead of its K*K loop."""
+    x, kernel = random_case(2, 32, 16, size, kernel_size, stride)
+    expected = reference(x, kernel, kernel_size, stride).float()
+    torch.testing.assert_close(_unfolded(x, kernel, kernel_size, stride), expected)
 
 
 @pytest.mark.skipif(involution_fused.load() is None, reason="the fused CPU involution could not be built here")
@@ -205,7 +210,8 @@ for b, c, gc, h, w, K, s in [(1, 4, 2, 6, 5, 7, 1), (2, 4, 4, 7, 10, 3, 2), (1, 
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
 x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
 k = torch.randn(1, 1, 9, 3, 2, dtype=torch.float64, requires_grad=True)
-assert torch.autograd.gradcheck(lambda a, kk: TritonInvolution.apply(a, kk, 3, 2), (x, k), fast_mode=True)  # the cases above compare every gradient element
+# fast mode: the cases above already compare every gradient element with the portable operator
+assert torch.autograd.gradcheck(lambda a, kk: TritonInvolution.apply(a, kk, 3, 2), (x, k), fast_mode=True)
 print("ok")
 """
 

@@ -32,8 +32,9 @@ RESUME_RECIPE = TWO_TEACHER_RECIPE.replace('model = "test_vit"\nmodel_kwargs = {
 
 SIGNAL_PLUGIN = '''
 """Test plugin: after optimizer step $KDKIT_TEST_SIGNAL_AT_STEP this process signals itself, or with
-$KDKIT_TEST_SIGNAL_PARENT=process the compare command that started it (=group: its parent's process group, as a terminal's Ctrl-C
-does) and waits for the signal to be passed back to it (``trainer.stop``: the engine's, read by this test only)."""
+$KDKIT_TEST_SIGNAL_PARENT=process the compare command that started it (=group: that command's process
+group, as a terminal's Ctrl-C does) and waits for the signal to be passed back to it (``trainer.stop``:
+the engine's, read by this test only)."""
 import os
 import signal
 import time
@@ -210,7 +211,8 @@ def test_compare_passes_a_signal_on_to_its_runs_and_the_same_command_resumes_the
 
 def test_resume_refuses_a_changed_recipe_and_leaves_the_run_alone(recipe, reference, here):
     before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
-    result = kdkit_here("run", recipe, "--out", reference, "--allow-random-teachers", "--resume", "-o", "train.lr=0.002")
+    result = kdkit_here("run", recipe, "--out", reference, "--allow-random-teachers", "--resume",
+                        "-o", "train.lr=0.002")
     assert result.exit_code == 2
     assert "the recipe differs from the run's; --allow-changes resumes anyway" in result.output
     assert "train.lr: 0.001 -> 0.002" in result.output
