@@ -99,7 +99,7 @@ def hand_civt_step(trainer: Trainer, images, labels):
     model, teachers = trainer.state.model, trainer.parts.teachers
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     target = F.one_hot(labels, CLASSES).float()
-    mean, std = trainer.mean, trainer.std
+    mean, std = trainer.distill_step.mean, trainer.distill_step.std
 
     def step():
         logits = model(images)

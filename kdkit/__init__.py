@@ -1,12 +1,12 @@
 """kdkit: plugin-based multi-teacher knowledge distillation for PyTorch vision models.
 
-The user API is here (``run``, ``load``, ``build_model``); plugins use ``kdkit.api``.
+The user API is here (``run``, ``build``, ``load``, ``build_model``); plugins use ``kdkit.api``.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_model", "load", "run"]
+__all__ = ["__version__", "build", "build_model", "load", "run"]
 
 
 def run(recipe_path, overrides=(), out=None, **options):
@@ -14,6 +14,19 @@ def run(recipe_path, overrides=(), out=None, **options):
     from kdkit._run import run as _run
 
     return _run(recipe_path, overrides=overrides, out=out, **options)
+
+
+def build(recipe_path, overrides=(), *, train_teachers: bool = False, allow_random_teachers: bool = False,
+          device=None):
+    """A recipe checked and built as ``kdkit run`` builds it, writing nothing: ``.model``, ``.teachers``,
+    ``.loaders`` and ``.step``, the distillation step (``step(images, labels, epoch=, step=)`` makes one
+    optimizer update and returns its loss terms). A teacher its recipe has not trained yet, or a
+    teacher-output cache not built yet, is an error naming the command that makes it, unless
+    ``train_teachers``."""
+    from kdkit._build import build as _build
+
+    return _build(recipe_path, overrides, train_teachers=train_teachers,
+                  allow_random_teachers=allow_random_teachers, device=device)
 
 
 def load(path):

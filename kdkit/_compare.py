@@ -215,7 +215,7 @@ def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_rando
     from kdkit._experiment import resolve
     from kdkit._jobs import Job, run_command, run_jobs
     from kdkit._plugins import default_plugins
-    from kdkit._run import teacher_run_dir
+    from kdkit._build import teacher_run_dir
 
     random_ok = ["--allow-random-teachers"] if allow_random_teachers else []  # a cache build scores no teacher
     flags = [*random_ok, *(["--allow-weak-teachers"] if allow_weak_teachers else [])]

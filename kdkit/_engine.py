@@ -1,45 +1,37 @@
 """The one place a run happens: ``Trainer.fit`` trains, evaluates and keeps best and last.
 
-Follow one batch: ``train_epoch`` takes it from the loader, ``train_step`` mixes it, splits it into
-micro-batches, computes every loss term (``losses``) with the teachers seeing exactly the student's
-batch, and steps the optimizer and the schedule. Follow one epoch: ``fit`` calls ``train_epoch``,
-then ``end_epoch`` evaluates, updates best/last and calls the ``kdkit_epoch_end`` hook, where the
-built-in callbacks append the metrics line and write the checkpoints. This module is the only code
-that changes ``TrainState``; every side effect (progress, files, checkpoints, export) is a plugin
-on the lifecycle hooks of ``kdkit._hookspecs``.
+Follow one batch: ``train_epoch`` takes it from the loader and ``train_step`` hands it to the
+distillation step (``kdkit._step.DistillStep``: mixing, micro-batches, every loss term with the
+teachers seeing exactly the student's batch, the optimizer update), then steps the schedule.
+Follow one epoch: ``fit`` calls ``train_epoch``, then ``end_epoch`` evaluates, updates best/last and
+calls the ``kdkit_epoch_end`` hook, where the built-in callbacks append the metrics line and write
+the checkpoints. This module and the step it calls are the only code that changes ``TrainState``;
+every side effect (progress, files, checkpoints, export) is a plugin on the lifecycle hooks of
+``kdkit._hookspecs``.
 
 Randomness (augmentation, mixing, drop-path) is a function of (seed, epoch, sample or step), so a
 resumed run, given the state a checkpoint holds, continues exactly as if it had never stopped.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
-import os
 import signal
 import sys
-import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch import nn
 
+from kdkit._build import Built
 from kdkit._config import TrainConfig
-from kdkit._data import Targets, sample_seed
-from kdkit._distributed import Processes
 from kdkit._errors import KdkitError, RunFailed, RunInterrupted, UnreadableImage, keep_first_error
-from kdkit._experiment import Experiment
 from kdkit._model import DistillModel, prediction_names, predictions
-from kdkit._parts import Parts
+from kdkit._precision import autocast
 from kdkit._rundir import RunDir
-from kdkit._teacher_cache import mix_teacher_outputs
-
-DROP_PATH_STREAM = 0x64726F70  # "drop": the per-step seed of drop-path and dropout
+from kdkit._signals import StopOnSignal
+from kdkit._step import NonFiniteLoss
+from kdkit._top1 import top1
 
 
 @dataclass
@@ -80,51 +72,12 @@ class TrainState:
             setattr(self, key, state[key])
 
 
-def create_optimizer(model: DistillModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """timm's optimizer factory: no weight decay on norms, biases and the student's ``no_weight_decay()``."""
-    return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               momentum=cfg.momentum)
-
-
 def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Warmup then cosine, stepped per optimizer update (timm's scheduler, as DeiT uses it)."""
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(cfg.epochs, 1), min_lr=cfg.min_lr,
                                        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return scheduler
-
-
-def autocast(device: torch.device, precision: str):
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere; ``bf16`` everywhere; ``fp32`` never."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-class StopOnSignal:
-    """SIGINT and SIGTERM ask the run to stop after the current step; a second one exits at once.
-
-    Only the main thread can install signal handlers; elsewhere signals keep their default effect.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)  # everything on disk was written atomically: nothing is torn
-        self.signum = signum
 
 
 class _Stop(Exception):
@@ -137,35 +90,22 @@ class Trainer:
     ``hook`` is the plugin manager's hook relay (every plugin and the run's callbacks). Plugins read
     ``state``, ``summary``, ``rundir``, ``export_meta``, ``resumed`` and ``is_main``; they never change
     the state. With several processes (torchrun) every process runs the hooks; only the main one
-    (``is_main``, rank 0) should write files or print.
+    (``is_main``, rank 0) should write files or print. ``distill_step`` makes each optimizer update.
     """
 
-    def __init__(self, exp: Experiment, parts: Parts, *, device: torch.device, rundir: RunDir, hook,
-                 summary: dict, processes: Processes = Processes()):
-        self.exp, self.parts, self.cfg, self.device = exp, parts, exp.train, device
-        self.rundir, self.hook, self.summary, self.processes = rundir, hook, summary, processes
-        self.is_main = processes.is_main
-        self.export_meta = parts.export_meta
-        self.steps_per_epoch = len(parts.loaders.train)
-        self.state = TrainState(parts.model, create_optimizer(parts.model, self.cfg))
-        self.forward = self.data_parallel(parts.model) if processes.active else parts.model
-        if self.cfg.compile:
-            self.forward = torch.compile(self.forward)
+    def __init__(self, built: Built, *, rundir: RunDir, hook, summary: dict):
+        self.exp, self.parts, self.distill_step = built.experiment, built.parts, built.step
+        self.cfg, self.device, self.processes = self.exp.train, self.distill_step.device, self.distill_step.processes
+        self.rundir, self.hook, self.summary = rundir, hook, summary
+        self.is_main = self.processes.is_main
+        self.export_meta = self.parts.export_meta
+        self.steps_per_epoch = len(self.parts.loaders.train)
+        self.state = TrainState(self.parts.model, self.distill_step.optimizer)
         self.scheduler = create_schedule(self.state.optimizer, self.cfg, self.steps_per_epoch)
         self.scheduler.step_update(0)
-        self.targets = Targets(exp.augment, parts.splits.num_classes, exp.seed)
-        self.mean, self.std = parts.normalization(device)
         self.resumed = False
         self.stop = StopOnSignal()
         self.clock = (time.perf_counter(), 0.0)
-
-    def data_parallel(self, model: DistillModel) -> nn.Module:
-        """The student and its heads in DistributedDataParallel; the teachers stay outside it, replicated.
-        A head no loss trains gets no gradient, which DDP must be told to expect."""
-        trained = {term.head for term in self.parts.terms}
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=not trained >= set(model.heads))
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -307,75 +247,17 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------------
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, views=None) -> dict[str, float]:
-        """One optimizer update; the batch is split into ``accum_steps`` micro-batches, all terms kept.
-
-        ``views`` (image indices, view numbers) says which cached views the batch replays: the
-        teachers' outputs are then read from their caches (mixed as the images were) instead of computed.
-        """
-        state, cfg = self.state, self.cfg
-        process = (self.processes.rank,) if self.processes.active else ()  # each process its own masks
-        torch.manual_seed(sample_seed(self.exp.seed, epoch, state.step, DROP_PATH_STREAM, *process))
-        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        mixed, target, lam = self.targets(images, labels, epoch=epoch, step=state.step)
-        cached = self.cached_teacher_logits(*views, lam) if views else None
-        totals: dict[str, float] = defaultdict(float)
-        for i, chunk in enumerate(zip(*(t.chunk(cfg.accum_steps) for t in (mixed, target, labels)))):
-            teachers = ({name: value.chunk(cfg.accum_steps)[i] for name, value in cached.items()} if cached
-                        else self.teacher_logits(chunk[0]))
-            last = i == cfg.accum_steps - 1  # DDP averages the gradients once, after the last micro-batch
-            with contextlib.nullcontext() if last or not self.processes.active else self.forward.no_sync():
-                loss, values = self.losses(*chunk, teachers)
-                logged = self.logged(loss, values)
-                self.check_finite(logged, epoch)
-                (loss / cfg.accum_steps).backward()
-            for name, value in logged.items():
-                totals[name] += value / cfg.accum_steps
-        if cfg.clip_grad > 0:
-            nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        """One optimizer update by the distillation step, then the schedule's; returns what the step logs.
+        A non-finite loss fails the run here, before it reaches the weights."""
+        state = self.state
+        try:
+            result = self.distill_step(images, labels, epoch=epoch, step=state.step, views=views)
+        except NonFiniteLoss as exc:
+            raise RunFailed(f"{exc} at epoch {epoch + 1}, step {state.batch + 1} of {self.steps_per_epoch} "
+                            f"(optimizer step {state.step + 1}); the run stops, its last good checkpoint is kept") from None
         state.step += 1
         self.scheduler.step_update(state.step)
-        return dict(totals)
-
-    def teacher_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every needed teacher's fp32 logits for the very (mixed) batch the student sees."""
-        return {name: self.parts.teachers[name].logits(images, self.mean, self.std)
-                for name in self.parts.needed_teachers}
-
-    def cached_teacher_logits(self, indices: torch.Tensor, views: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
-        """Every needed teacher's cached output for these (image, view) pairs, mixed with coefficient ``lam``."""
-        return {name: mix_teacher_outputs(cache.log_probs(indices, views), lam).to(self.device)
-                for name, cache in self.parts.teacher_outputs.items()}
-
-    def losses(self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
-               teacher_logits: dict[str, torch.Tensor]):
-        """Total loss and each weighted term, for one (micro-)batch."""
-        with autocast(self.device, self.cfg.precision):
-            logits = self.forward(images)
-        values = {}
-        for term in self.parts.terms:
-            value = term.fn(logits[term.head], target=target, labels=labels,
-                            teacher_logits=[teacher_logits[t] for t in term.teachers])
-            values[term.name] = term.weight * value
-        return sum(values.values()), values
-
-    def logged(self, loss: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The micro-batch's loss and terms as numbers, averaged over the processes (the same on each)."""
-        names = ["loss", *values]
-        stacked = torch.stack([loss.detach(), *(v.detach() for v in values.values())]).float()
-        return dict(zip(names, (self.processes.sum(stacked) / self.processes.world).tolist()))
-
-    def check_finite(self, logged: dict[str, float], epoch: int) -> None:
-        """Stop at the first non-finite loss term, or a non-finite total of finite terms (their weighted
-        sum overflowed), before it reaches the weights (every process alike)."""
-        where = (f"at epoch {epoch + 1}, step {self.state.batch + 1} of {self.steps_per_epoch} (optimizer step "
-                 f"{self.state.step + 1}); the run stops, its last good checkpoint is kept")
-        for name, value in logged.items():
-            if name != "loss" and not math.isfinite(value):
-                raise RunFailed(f"the loss term {name!r} is {value} {where}")
-        if not math.isfinite(logged["loss"]):
-            raise RunFailed(f"the weighted sum of the loss terms is {logged['loss']} {where}")
+        return result.logged
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -392,7 +274,6 @@ class Trainer:
         return {"test_top1": self.evaluate(loader=self.parts.loaders.test),
                 "best_test_top1": self.evaluate(best, loader=self.parts.loaders.test)["eval"] if best else None}
 
-    @torch.no_grad()
     def evaluate(self, model: DistillModel | None = None, loader=None) -> dict[str, float]:
         """Top-1 (%) per head and for the eval prediction (``eval``) on the validation set (or ``loader``).
 
@@ -400,23 +281,18 @@ class Trainer:
         Each process evaluates its shard and the counts are summed: every image counts exactly once.
         """
         model = self.state.model if model is None else model
+
+        def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            with autocast(self.device, self.cfg.precision):
+                return predictions(model(images), model.eval_heads)
+
         was_training = model.training
         model.eval()
-        names = prediction_names(list(model.heads))
-        hits = torch.zeros(len(names) + 1, dtype=torch.float64)  # per prediction, then the image count
-        for images, labels in self.parts.loaders.val if loader is None else loader:
-            images, labels = images.to(self.device), labels.to(self.device)
-            with autocast(self.device, self.cfg.precision):
-                logits = predictions(model(images), model.eval_heads)
-            hits += torch.tensor([(logits[n].argmax(-1) == labels).sum().item() for n in names] + [len(labels)])
-        model.train(was_training)
-        return self.top1(names, hits)
-
-    def top1(self, names: list[str], hits: torch.Tensor) -> dict[str, float]:
-        """Top-1 (%) from each process's hits (one count per name, then the images), summed over processes."""
-        hits = self.processes.sum(hits.to(self.device)).cpu()
-        counts = hits.tolist()
-        return {name: 100.0 * counts[i] / counts[-1] for i, name in enumerate(names)}
+        try:
+            return top1(predict, prediction_names(list(model.heads)), self.parts.loaders.val if loader is None
+                        else loader, device=self.device, processes=self.processes)
+        finally:
+            model.train(was_training)
 
     @torch.no_grad()
     def inference_speed(self, warmup: int = 2, repeats: int = 5) -> float:
@@ -438,12 +314,8 @@ class Trainer:
         model.train()
         return repeats * len(batch) / (time.perf_counter() - start)
 
-    @torch.no_grad()
     def evaluate_teacher(self, name: str) -> float:
         """Validation top-1 (%) of one teacher, on the inputs it gets during training."""
-        hits = torch.zeros(2, dtype=torch.float64)
-        for images, labels in self.parts.loaders.val:
-            images, labels = images.to(self.device), labels.to(self.device)
-            logits = self.parts.teachers[name].logits(images, self.mean, self.std)
-            hits += torch.tensor([(logits.argmax(-1) == labels).sum().item(), len(labels)])
-        return self.top1([name], hits)[name]
+        step = self.distill_step
+        return top1(lambda images: {name: step.teachers[name].logits(images, step.mean, step.std)}, [name],
+                    self.parts.loaders.val, device=self.device, processes=self.processes)[name]

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from kdkit import _export as export
-from kdkit._engine import autocast
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
-from kdkit._model import DistillModel, predictions
+from kdkit._model import DistillModel, prediction_names, predictions
 from kdkit._parts import Parts, default_device
+from kdkit._build import build_all_parts
 from kdkit._plugins import default_plugins
+from kdkit._precision import autocast
 from kdkit._recipe import load_recipe
-from kdkit._run import prepare
 from kdkit._rundir import RunDir
+from kdkit._top1 import Top1
 
 
 @dataclass
@@ -68,7 +69,7 @@ def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=
         raise KdkitError(f"{run_dir}: the run used random teachers (no weights for {', '.join(map(repr, random))}); "
                          "--allow-random-teachers rebuilds the same random teachers from the run's seed")
     device = device or default_device()
-    parts = prepare(exp, plugins, device, train_teachers=False, caches=False)  # live teachers, never a cache
+    parts = build_all_parts(exp, plugins, device, train_teachers=False, caches=False)  # live teachers, never a cache
     model = export.load(rundir.export, plugins).to(device)
     if model.meta["class_names"] != list(parts.splits.class_names):
         raise KdkitError(f"{run_dir}: the student was trained on other classes than the recipe's data now has")
@@ -93,15 +94,15 @@ class Evaluation:
 def evaluate(rebuilt: Rebuilt) -> Evaluation:
     """One pass over the validation set, exactly as the run's per-epoch evaluation batches it."""
     loader = rebuilt.parts.loaders.val
-    head_hits: dict[str, int] = defaultdict(int)
-    teacher_hits: dict[str, int] = defaultdict(int)
+    head_top1 = Top1(prediction_names(list(rebuilt.model.heads)))
+    teacher_top1 = Top1(rebuilt.parts.teachers)
     kl: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     total = 0
     for images, labels in loader:
         heads, teachers = rebuilt.logits(images)
         labels = labels.to(rebuilt.device)
-        _count_hits(head_hits, heads, labels)
-        _count_hits(teacher_hits, teachers, labels)
+        head_top1.add(heads, labels)
+        teacher_top1.add(teachers, labels)
         for head, head_logits in heads.items():
             for teacher, teacher_logits in teachers.items():
                 kl[head][teacher] += F.kl_div(head_logits.double().log_softmax(-1),
@@ -109,16 +110,8 @@ def evaluate(rebuilt: Rebuilt) -> Evaluation:
                                               log_target=True, reduction="sum").item()
         total += len(labels)
 
-    def percent(hits):
-        return {name: 100.0 * value / total for name, value in hits.items()}
-
-    return Evaluation(str(rebuilt.path), total, percent(head_hits), percent(teacher_hits),
+    return Evaluation(str(rebuilt.path), total, head_top1.percent(), teacher_top1.percent(),
                       {head: {t: value / total for t, value in row.items()} for head, row in kl.items()})
-
-
-def _count_hits(hits: dict[str, int], logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-    for name, value in logits.items():
-        hits[name] += (value.argmax(-1) == labels).sum().item()
 
 
 def table(ev: Evaluation) -> Table:

@@ -60,9 +60,11 @@ class HeadSpec:
 
 
 @dataclass
-class LossSpec:
-    term: str  # the name of this term in logs and metrics, e.g. "kl/conv"
-    spec: PluginSpec
+class LossTerm:
+    """One weighted entry of ``[[losses]]``: a loss on one head, taught by zero or more teachers."""
+
+    name: str  # the name of this term in logs and metrics, e.g. "kl/conv"
+    spec: PluginSpec  # the plugin and its checked keys
     fn: object  # the built loss: building one is cheap and tells whether it needs teachers
     head: str
     teachers: list[str]
@@ -79,13 +81,18 @@ class Experiment:
     student: PluginSpec
     teachers: dict[str, TeacherSpec]
     heads: dict[str, HeadSpec]
-    losses: list[LossSpec]
+    losses: list[LossTerm]
     train: C.TrainConfig
     augment: C.AugmentConfig
     eval: C.EvalConfig
     callbacks: dict[str, PluginSpec] = field(default_factory=dict)
     teacher_cache: CacheSettings | None = None  # read the teachers' outputs from a cache of views
     student_checkpoint: str = ""  # weights to start the student and its heads from
+
+    @property
+    def needed_teachers(self) -> list[str]:
+        """The teachers some loss learns from, sorted: the ones a run builds."""
+        return sorted({t for loss in self.losses for t in loss.teachers})
 
 
 def _table(recipe: Recipe, key: str, value, *, required: bool = False) -> dict:
@@ -196,7 +203,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
                       evaluation, callbacks, cache, student_checkpoint)
 
 
-def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossSpec], augment: C.AugmentConfig) -> None:
+def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossTerm], augment: C.AugmentConfig) -> None:
     """A cache of every logit serves any loss; mixed or top-k outputs only those that need no more than
     the teachers' probabilities at temperature 1."""
     why = "top_k keeps only the largest logits" if cache.top_k else \
@@ -306,7 +313,7 @@ def _head(recipe, plugins, name, table) -> HeadSpec:
     return HeadSpec(name, _plugin_spec(recipe, plugins, "head", table, key, C.HEAD_KEYS, "linear"), embedding)
 
 
-def _losses(recipe, plugins, value, teachers: dict) -> list[LossSpec]:
+def _losses(recipe, plugins, value, teachers: dict) -> list[LossTerm]:
     if value is None:
         raise recipe.error("losses", "missing: at least one [[losses]] entry (for example plugin = \"ce\", head = \"cls\")")
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -334,7 +341,7 @@ def _losses(recipe, plugins, value, teachers: dict) -> list[LossSpec]:
         while term in terms:
             term += "'"
         terms.add(term)
-        specs.append(LossSpec(term, spec, fn, head, names, weight))
+        specs.append(LossTerm(term, spec, fn, head, names, weight))
     return specs
 
 

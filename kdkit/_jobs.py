@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdkit._engine import StopOnSignal
+from kdkit._signals import StopOnSignal
 from kdkit._errors import RunFailed, RunInterrupted
 from kdkit._rundir import RunDir
 

@@ -23,20 +23,10 @@ from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, check_heads
 from kdkit._model import DistillModel, Predictor, build_distill_model
 from kdkit._plugins import Plugins, default_plugins
+from kdkit._precision import uses_bf16
 from kdkit._schema import check_table
 from kdkit._teacher import Teacher, weights_hash
 from kdkit._teacher_cache import views_of
-
-
-@dataclass
-class LossTerm:
-    """One weighted entry of ``[[losses]]``: a loss on one head, taught by zero or more teachers."""
-
-    name: str
-    fn: object
-    head: str
-    teachers: list[str]
-    weight: float
 
 
 @dataclass
@@ -49,14 +39,9 @@ class Parts:
     val_set: torch.utils.data.Dataset
     loaders: Loaders
     model: DistillModel
-    terms: list[LossTerm]
     export_meta: dict
     teachers: dict[str, Teacher] = field(default_factory=dict)
     teacher_outputs: dict | None = None
-
-    @property
-    def needed_teachers(self) -> list[str]:
-        return sorted({t for term in self.terms for t in term.teachers})
 
     @functools.cached_property
     def teacher_hashes(self) -> dict[str, str]:
@@ -81,7 +66,7 @@ def build_splits(exp: Experiment, plugins: Plugins) -> DatasetSplits:
 
 
 def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, processes: Processes = Processes()) -> Parts:
-    """Data, loaders, the student with its heads and the loss terms, checked by a one-image forward.
+    """Data, loaders, the student with its heads, checked by a one-image forward.
 
     With several processes ``train.batch_size`` stays the global batch, split evenly among them.
     """
@@ -119,7 +104,6 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
     model = model.to(device)
     probe_student(model, exp.student.plugin, val_set[0][0], splits.num_classes)
 
-    terms = [LossTerm(loss.term, loss.fn, loss.head, loss.teachers, loss.weight) for loss in exp.losses]
     export_meta = {
         "name": exp.name,
         "student": {"plugin": exp.student.plugin, "kwargs": student_kwargs},
@@ -133,7 +117,7 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
         "mean": list(splits.mean),
         "std": list(splits.std),
     }
-    return Parts(splits, train_set, val_set, loaders, model, terms, export_meta)
+    return Parts(splits, train_set, val_set, loaders, model, export_meta)
 
 
 def load_student(model: DistillModel, path: str, plugins: Plugins) -> None:
@@ -183,7 +167,7 @@ def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torc
     """The teachers the losses name (every ``recipe`` teacher already trained), each checked on one image."""
     image = parts.val_set[0][0].unsqueeze(0).to(device)
     teachers = {}
-    for name in parts.needed_teachers:
+    for name in exp.needed_teachers:
         teacher = build_teacher(exp, name, plugins, parts.splits, device)
         logits = teacher.logits(image, *parts.normalization(device))
         if tuple(logits.shape) != (1, parts.splits.num_classes):
@@ -197,8 +181,7 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
                   device: torch.device) -> Teacher:
     """One teacher, its outputs mapped onto the data's classes when it names its own (``classes``)."""
     spec = exp.teachers[name]
-    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
-    options = dict(bf16=bf16, compile=spec.compile)
+    options = dict(bf16=uses_bf16(spec.precision, device), compile=spec.compile)
     if spec.spec is None:  # a kdkit export: its own model, normalization and class list
         trained = export.load(spec.checkpoint, plugins)
         meta = trained.meta

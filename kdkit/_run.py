@@ -7,14 +7,14 @@ accuracy, and the run directory (empty, or resumable with the same recipe and te
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
 import torch
 
 from kdkit._checkpoint import check_fits, load_checkpoint
-from kdkit._config import RUN_CALLBACKS, cache_root
+from kdkit._build import Built, build_all_parts
+from kdkit._config import RUN_CALLBACKS
 from kdkit._distributed import Processes
 from kdkit._distributed import processes as current_processes
 from kdkit._engine import Trainer
@@ -22,32 +22,12 @@ from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
 from kdkit._flops import FlopCount, count_flops, plugin_rules
 from kdkit._model import Predictor
-from kdkit._parts import Parts, build_parts, build_splits, build_teachers
+from kdkit._parts import Parts
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe, diff_tables, load_recipe
 from kdkit._rundir import RunDir, default_run_dir, provenance
-from kdkit._teacher_cache import open_caches, summary_of
-
-
-class BuildProgress:
-    """A progress bar for work before the run's own display starts (building teacher-output caches)."""
-
-    def __init__(self, console):
-        self.console, self.bar = console, None
-
-    def start(self, title: str, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=self.console)
-        self.bar.start()
-        self.task = self.bar.add_task(title, total=total)
-
-    def advance(self, count: int) -> None:
-        self.bar.update(self.task, advance=count)
-
-    def stop(self) -> None:
-        self.bar.stop()
+from kdkit._step import build_step
+from kdkit._teacher_cache import summary_of
 
 
 class TeacherWarning(UserWarning):
@@ -83,12 +63,12 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
         processes.on_main(lambda: rundir.check_writable(force))
     checkpoint = load_checkpoint(rundir.last, Trainer.CHECKPOINT_KEYS) if resume else None
     device = processes.device()
-    parts = prepare(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console,
-                    processes=processes)
+    parts = build_all_parts(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console,
+                            processes=processes)
     fixed = facts(exp, parts, recipe, plugins, processes)
     summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
-    trainer = Trainer(exp, parts, device=device, rundir=rundir, hook=plugins.manager.hook, summary=summary,
-                      processes=processes)
+    built = Built(exp, parts, build_step(exp, parts, device, processes))
+    trainer = Trainer(built, rundir=rundir, hook=plugins.manager.hook, summary=summary)
     start = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint is not None else (0, 0)
     processes.on_main(lambda: trainer.check_first_batches(*start))  # the data, before anything is written
     if checkpoint is None:
@@ -110,25 +90,6 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     return rundir.path
 
 
-def prepare(exp: Experiment, plugins: Plugins, device: torch.device, *, train_teachers: bool, caches: bool = True,
-            progress: bool = False, console=None, processes: Processes = Processes(),
-            wait_for_caches: bool = True) -> Parts:
-    """Every part of ``exp``, built as every run builds it: the student (seeded first), then the teachers
-    (trained by their recipes first where missing), then their output caches (built first where missing;
-    one that another process builds is waited for, unless ``wait_for_caches`` is false: then refused)."""
-    torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
-    parts = build_parts(exp, plugins, device, processes)
-    with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
-        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console,
-                        processes=processes)
-    parts.teachers = build_teachers(exp, plugins, parts, device)
-    if exp.teacher_cache and caches:
-        parts.teacher_outputs = open_caches(exp, parts, device, processes=processes,
-                                            progress=BuildProgress(console) if console else None,
-                                            waiting=say(console) if wait_for_caches else None)
-    return parts
-
-
 def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bool = False, verify: bool = False,
                          console=None) -> dict:
     """``kdkit cache build``: the recipe's teacher-output caches, built where missing; their records.
@@ -139,8 +100,8 @@ def build_teacher_caches(recipe_path, overrides=(), *, allow_random_teachers: bo
         raise exp.recipe.error("teacher_cache", "the recipe reads no teacher-output cache: add a [teacher_cache] table")
     processes = current_processes()
     console = console if processes.is_main else None
-    parts = prepare(exp, plugins, processes.device(), train_teachers=True, progress=console is not None,
-                    console=console, processes=processes, wait_for_caches=False)
+    parts = build_all_parts(exp, plugins, processes.device(), train_teachers=True, progress=console is not None,
+                            console=console, processes=processes, wait_for_caches=False)
     records = summary_of(parts.teacher_outputs)
     if verify:
         for name, cache in parts.teacher_outputs.items():
@@ -233,50 +194,3 @@ def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes
             if processes.is_main or not getattr(callback, "main_process_only", False)}
 
 
-def say(console):
-    """A lock's ``waiting`` callback: the message goes to ``console``, when there is one."""
-    def waiting(message: str) -> None:
-        if console is not None:
-            console.print(message, markup=False, highlight=False)
-    return waiting
-
-
-def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
-    """Where the teacher trained by ``recipe`` is cached: keyed by the resolved recipe and the identity of
-    its data (``DatasetSplits.identity``), so a teacher trained on other data is never reused."""
-    data = build_splits(resolve(recipe, plugins), plugins).identity()
-    key = hashlib.sha256(f"{recipe.hash()} {data}".encode()).hexdigest()[:16]
-    return cache_root() / "teachers" / f"{recipe.table['name']}-{key}"
-
-
-def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, progress: bool = False,
-                    console=None, processes: Processes = Processes()) -> None:
-    """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run.
-
-    A teacher that another process is training is waited for (its run directory's lock), then reused.
-    Under torchrun the same processes train it, data-parallel, as its own run (rank 0 decides what to do).
-    """
-    for name, spec in exp.teachers.items():
-        if spec.recipe is None:
-            continue
-        out = teacher_run_dir(spec.recipe, plugins)
-        rundir = RunDir(out)
-        if processes.on_main(rundir.status) == "completed":
-            spec.checkpoint = str(out)
-            continue
-        if not train_teachers:
-            raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
-                                   "or unfinished); run without --no-train-teachers to train it")
-        processes.on_main(lambda: rundir.claim(waiting=say(console)))
-        try:
-            status, resume = processes.on_main(lambda: (rundir.status(), rundir.last.is_file()))
-            if status != "completed":
-                if console is not None:
-                    console.print(f"[bold]{'resuming' if resume else 'training'} teacher {name!r}[/] from "
-                                  f"{spec.recipe.path} in {out}")
-                run(spec.recipe.path, out=out, force=not resume, resume=resume, progress=progress,
-                    console=console)
-        finally:
-            if processes.is_main:
-                rundir.release()
-        spec.checkpoint = str(out)

@@ -10,12 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import kdkit
 from kdkit._cli import app
 from kdkit._engine import Trainer
-from kdkit._experiment import resolve
 from kdkit._plugins import default_plugins
-from kdkit._recipe import load_recipe
-from kdkit._run import prepare
 from kdkit._rundir import RunDir
 from kdkit_plugins import involution_fused
 
@@ -133,14 +131,14 @@ def cli():
     return invoke
 
 
-def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = False, device: str = "cpu",
+def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = True, device: str = "cpu",
                  plugins=None) -> Trainer:
-    """A Trainer for a recipe (random teachers allowed), built as ``kdkit run`` builds it; no run directory."""
-    plugins, device = plugins or default_plugins(), torch.device(device)
-    exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=True)
-    parts = prepare(exp, plugins, device, train_teachers=train_teachers)
-    return Trainer(exp, parts, device=device, rundir=RunDir(recipe_path.parent / "unused"), hook=plugins.manager.hook,
-                   summary={})
+    """A Trainer for a recipe (random teachers allowed) built by ``kdkit.build``, its missing teachers and
+    teacher-output caches made first; no run directory. ``plugins`` gives the hooks (default: kdkit's)."""
+    built = kdkit.build(recipe_path, overrides, train_teachers=train_teachers, allow_random_teachers=True,
+                        device=device)
+    return Trainer(built, rundir=RunDir(recipe_path.parent / "unused"),
+                   hook=(plugins or default_plugins()).manager.hook, summary={})
 
 
 def make_distribution(root, name: str, modules: dict[str, str], entry_points: dict[str, str]):
@@ -154,11 +152,11 @@ def make_distribution(root, name: str, modules: dict[str, str], entry_points: di
     (info / "entry_points.txt").write_text(f"[kdkit]\n{lines}\n")
 
 
-def contributing_example(filename: str) -> str:
-    """The code block of CONTRIBUTING.md whose first line is ``# <filename>``: the docs' examples run as tests."""
-    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+def contributing_example(filename: str, doc: str = "CONTRIBUTING.md") -> str:
+    """The code block of ``doc`` whose first line is ``# <filename>``: the docs' examples run as tests."""
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
     for block in text.split("```python\n")[1:]:
         code = block.split("```")[0]
         if code.startswith(f"# {filename}\n"):
             return code
-    raise LookupError(f"CONTRIBUTING.md has no python block starting with '# {filename}'")
+    raise LookupError(f"{doc} has no python block starting with '# {filename}'")

@@ -275,9 +275,9 @@ def test_a_chunk_that_does_not_match_its_checksum_is_refused(cache, cli):
     message = "logits.npy: chunk 3 (images 24-31) does not match the checksum recorded when it was written (logits)"
     refused(cli("cache", "build", recipe, "--verify", "--allow-random-teachers"), message)
     trainer = make_trainer(recipe)  # opening does not read every chunk: a first read of each does
-    trainer.cached_teacher_logits(torch.tensor([0, 9]), torch.tensor([0, 2]), 1.0)
+    trainer.distill_step.cached_teacher_logits(torch.tensor([0, 9]), torch.tensor([0, 2]), 1.0)
     with pytest.raises(KdkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        trainer.cached_teacher_logits(torch.tensor([1, 31]), torch.tensor([0, 1]), 1.0)
+        trainer.distill_step.cached_teacher_logits(torch.tensor([1, 31]), torch.tensor([0, 1]), 1.0)
     assert snapshot(conv.parent) == before
 
 
@@ -288,7 +288,7 @@ def test_a_cache_built_before_checksums_stays_readable(cache, cli):
     result = cli("cache", "build", recipe, "--verify", "--allow-random-teachers")
     assert result.exit_code == 0, result.output
     assert "conv: " in result.output and "4 chunks built before checksums were recorded: not verified" in result.output
-    cached = make_trainer(recipe).cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)["conv"]
+    cached = make_trainer(recipe).distill_step.cached_teacher_logits(torch.tensor([3, 30]), torch.tensor([1, 2]), 1.0)["conv"]
     stored = np.load(conv / "logits.npy")[[3, 30], [1, 2]]
     torch.testing.assert_close(cached, torch.from_numpy(stored).float(), rtol=0, atol=0)
 

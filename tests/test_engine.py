@@ -15,9 +15,12 @@ import torch.distributed as dist
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 from kdkit import api
 from kdkit._distributed import Processes
-from kdkit._engine import DROP_PATH_STREAM, StopOnSignal, autocast
-from kdkit._errors import KdkitError, RunFailed, RunInterrupted
+from kdkit._errors import KdkitError, RunInterrupted
 from kdkit._plugins import Plugins
+from kdkit._precision import autocast
+from kdkit._signals import StopOnSignal
+from kdkit._step import DROP_PATH_STREAM, NonFiniteLoss
+from kdkit._top1 import Top1
 
 
 def first_batch(trainer):
@@ -160,8 +163,8 @@ def test_bf16_heads_and_teacher_classifiers_give_fp32_logits(write_recipe):
     assert (logits["cls"].bfloat16().float() != logits["cls"]).any()
 
     teacher = trainer.parts.teachers["conv"]
-    out = teacher.logits(images, trainer.mean, trainer.std)
-    x = teacher.normalize_input(images, trainer.mean, trainer.std)
+    out = teacher.logits(images, trainer.distill_step.mean, trainer.distill_step.std)
+    x = teacher.normalize_input(images, trainer.distill_step.mean, trainer.distill_step.std)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = teacher.model.forward_head(teacher.model.forward_features(x), pre_logits=True)
     assert out.dtype == torch.float32 and (out.bfloat16().float() != out).any()
@@ -206,7 +209,8 @@ def test_compile_switches_wrap_the_student_and_the_teachers_not_their_weights(wr
 
     recipe = write_recipe(TWO_TEACHER_RECIPE)
     trainer = make_trainer(recipe, ["train.compile=true", "teachers.conv.compile=true"])
-    assert isinstance(trainer.forward, OptimizedModule) and trainer.forward._orig_mod is trainer.state.model
+    forward = trainer.distill_step.forward
+    assert isinstance(forward, OptimizedModule) and forward._orig_mod is trainer.state.model
     whole, features = trainer.parts.teachers["conv"].calls
     assert isinstance(whole, OptimizedModule) and not isinstance(trainer.parts.teachers["other"].calls[0],
                                                                  OptimizedModule)
@@ -223,7 +227,7 @@ def test_the_gpu_path_trains_in_bf16_with_channels_last_teachers_and_compiled_mo
     logged = trainer.train_step(images, labels, epoch=0)
     assert all(math.isfinite(v) for v in logged.values())
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = trainer.parts.teachers["conv"].logits(images.cuda(), trainer.mean, trainer.std)
+        out = trainer.parts.teachers["conv"].logits(images.cuda(), trainer.distill_step.mean, trainer.distill_step.std)
     assert out.dtype == torch.float32
 
 
@@ -295,10 +299,11 @@ def test_each_term_is_its_loss_times_its_weight(write_recipe):
     trainer = make_trainer(write_recipe(recipe.replace('head = "inv"\n', 'head = "inv"\nweight = 3.0\n')))
     images, labels = first_batch(trainer)
     target = torch.nn.functional.one_hot(labels, 4).float()
-    teachers = trainer.teacher_logits(images)
-    loss, values = trainer.losses(images, target, labels, teachers)
-    logits = trainer.forward(images)
-    for term, weight in zip(trainer.parts.terms, (1.0, 0.25, 3.0)):
+    step = trainer.distill_step
+    teachers = step.teacher_logits(images)
+    loss, values = step.losses(images, target, labels, teachers)
+    logits = step.forward(images)
+    for term, weight in zip(step.terms, (1.0, 0.25, 3.0)):
         plain = term.fn(logits[term.head], target=target, labels=labels,
                         teacher_logits=[teachers[t] for t in term.teachers])
         torch.testing.assert_close(values[term.name], weight * plain)
@@ -424,16 +429,19 @@ def test_a_plugins_evaluate_entries_join_the_epochs_top1_but_never_replace_one(w
         trainer.end_epoch(1)
 
 
-def test_any_non_finite_term_stops_the_run_by_name_and_top1_is_the_exact_fraction(write_recipe):
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
-    trainer.check_finite({"loss": 2.0, "ce/cls": 1.0, "mse/conv": 1.0}, epoch=0)  # all finite: goes on
+def test_any_non_finite_term_stops_the_step_by_name_and_top1_is_the_exact_fraction(write_recipe):
+    check_finite = make_trainer(write_recipe(TWO_TEACHER_RECIPE)).distill_step.check_finite
+    check_finite({"loss": 2.0, "ce/cls": 1.0, "mse/conv": 1.0})  # all finite: goes on
     for name in ("ce/cls", "mse/conv"):  # a term named before "loss" and one after (a third-party plugin's)
         logged = {"loss": math.nan, "ce/cls": 1.0, "mse/conv": 1.0, name: math.inf}
-        with pytest.raises(RunFailed, match=f"the loss term '{name}' is inf at epoch 1"):
-            trainer.check_finite(logged, epoch=0)
-    with pytest.raises(RunFailed, match="the weighted sum of the loss terms is inf at epoch 2, step 1"):
-        trainer.check_finite({"loss": math.inf, "ce/cls": 3e38, "mse/conv": 3e38}, epoch=1)  # finite terms
-    assert trainer.top1(["cls", "mean"], torch.tensor([1.0, 2.0, 3.0])) == {"cls": 100 / 3, "mean": 200 / 3}
+        with pytest.raises(NonFiniteLoss, match=f"^the loss term '{name}' is inf$"):
+            check_finite(logged)
+    with pytest.raises(NonFiniteLoss, match="^the weighted sum of the loss terms is inf$"):
+        check_finite({"loss": math.inf, "ce/cls": 3e38, "mse/conv": 3e38})  # finite terms
+    count = Top1(["cls", "mean"])
+    count.add({"cls": torch.eye(3), "mean": torch.eye(3)[[0, 2, 0]]}, torch.tensor([0, 2, 1]))  # 1 and 2 hits
+    assert count.percent() == {"cls": 100 / 3, "mean": 200 / 3}
+    assert count.percent(TwoProcesses(other=torch.tensor([2.0, 0.0, 3.0]))) == {"cls": 50.0, "mean": 100 / 3}
 
 
 def test_a_signal_to_any_process_stops_every_process(write_recipe):
@@ -454,9 +462,9 @@ def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
 
 
 def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
-    trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
-    trainer.processes = TwoProcesses()
-    logged = trainer.logged(torch.tensor(3.0), {"ce/cls": torch.tensor(1.0), "kl/conv": torch.tensor(2.0)})
+    step = make_trainer(write_recipe(TWO_TEACHER_RECIPE)).distill_step
+    step.processes = TwoProcesses()
+    logged = step.logged(torch.tensor(3.0), {"ce/cls": torch.tensor(1.0), "kl/conv": torch.tensor(2.0)})
     assert logged == {"loss": 3.0, "ce/cls": 1.0, "kl/conv": 2.0}
 
 
@@ -510,7 +518,7 @@ def test_data_parallel_wraps_the_student_and_heads_expecting_untrained_heads(tra
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         trainer = make_trainer(write_recipe(recipe))
-        wrapped = trainer.data_parallel(trainer.state.model)
+        wrapped = trainer.distill_step.data_parallel(trainer.state.model)
     finally:
         dist.destroy_process_group()
     assert wrapped.module is trainer.state.model and wrapped.device_ids is None
@@ -537,7 +545,7 @@ def test_resume_restores_the_counters_and_the_learning_rate(write_recipe):
 def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_batch_only(write_recipe):
     """DDP's ``no_sync`` for every micro-batch but the last: the averaged gradient is then exchanged once."""
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE), ["train.accum_steps=4"])
-    trainer.processes = TwoProcesses()
+    trainer.distill_step.processes = TwoProcesses()
     synced = []
 
     class Wrapped(torch.nn.Module):  # stands in for DistributedDataParallel
@@ -555,7 +563,7 @@ def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_
             yield
             self.syncing = True
 
-    trainer.forward = Wrapped(trainer.state.model)
+    trainer.distill_step.forward = Wrapped(trainer.state.model)
     images, labels = first_batch(trainer)
     trainer.train_step(images, labels, epoch=0)
     assert synced == [False, False, False, True]
@@ -565,9 +573,9 @@ def test_with_several_processes_gradients_are_synchronised_after_the_last_micro_
 def test_each_process_draws_its_own_drop_path_masks(processes, rank, write_recipe, monkeypatch):
     """The step's seed names the process's rank when there are several (one process: no rank)."""
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
-    trainer.processes = processes
+    trainer.distill_step.processes = processes
     keys = []
-    monkeypatch.setattr("kdkit._engine.sample_seed", lambda *key: keys.append(key) or 0)
+    monkeypatch.setattr("kdkit._step.sample_seed", lambda *key: keys.append(key) or 0)
     images, labels = first_batch(trainer)
     trainer.train_step(images, labels, epoch=0)
     assert keys == [(0, 0, 0, DROP_PATH_STREAM) + ((rank,) if rank is not None else ())]

@@ -197,7 +197,7 @@ class Console:
 def test_a_teacher_trained_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch):
     from kdkit._plugins import default_plugins
     from kdkit._recipe import load_recipe
-    from kdkit._run import teacher_run_dir
+    from kdkit._build import teacher_run_dir
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     teacher = tmp_path / "teacher.toml"
@@ -234,13 +234,13 @@ def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_pa
     from kdkit._experiment import resolve
     from kdkit._plugins import default_plugins
     from kdkit._recipe import load_recipe
-    from kdkit._run import prepare
+    from kdkit._build import build_all_parts
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "cached.toml"
     recipe.write_text(CACHED)
     exp = resolve(load_recipe(recipe), allow_random_teachers=True)
-    parts = prepare(exp, default_plugins(), torch.device("cpu"), train_teachers=False, caches=False)
+    parts = build_all_parts(exp, default_plugins(), torch.device("cpu"), train_teachers=False, caches=False)
     cache = cache_root() / "teacher_outputs" / f"conv-{parts.teacher_hashes['conv']}"
     holder = hold(cache, recipe, kind="cache")
     try:

@@ -58,8 +58,8 @@ def test_cached_logits_are_the_live_teachers_within_fp16(write_recipe):
     parts = trainer.parts
     indices, views = torch.tensor([0, 5, 31, 17]), torch.tensor([0, 2, 1, 2])
     images = torch.stack([replay(parts.train_set, i, v)[0] for i, v in zip(indices.tolist(), views.tolist())])
-    live = trainer.teacher_logits(images)
-    cached = trainer.cached_teacher_logits(indices, views, 1.0)
+    live = trainer.distill_step.teacher_logits(images)
+    cached = trainer.distill_step.cached_teacher_logits(indices, views, 1.0)
     assert live.keys() == cached.keys() == {"conv", "other"}
     for name in live:
         torch.testing.assert_close(cached[name], live[name].half().float(), rtol=0, atol=0)  # fp16 storage only
@@ -70,8 +70,8 @@ def test_training_from_a_cache_never_runs_the_teachers(write_recipe, monkeypatch
     calls = []
     for teacher in trainer.parts.teachers.values():
         teacher.model.register_forward_hook(lambda *args: calls.append("teacher"))
-    read = trainer.cached_teacher_logits
-    monkeypatch.setattr(trainer, "cached_teacher_logits", lambda *args: calls.append("cache") or read(*args))
+    read = trainer.distill_step.cached_teacher_logits
+    monkeypatch.setattr(trainer.distill_step, "cached_teacher_logits", lambda *args: calls.append("cache") or read(*args))
     trainer.train_epoch(0)
     assert calls == ["cache"] * trainer.steps_per_epoch
 
@@ -115,14 +115,14 @@ def test_cached_outputs_are_mixed_as_the_images_are(write_recipe, mixing):
     for name in trainer.parts.teachers:
         trainer.parts.teachers[name] = Teacher(LinearProbabilities(), mean=splits.mean, std=splits.std)
     del trainer.parts.teacher_hashes  # new teachers: new weights, new caches
-    trainer.parts.teacher_outputs = _teacher_cache.open_caches(trainer.exp, trainer.parts, torch.device("cpu"))
+    trainer.distill_step.teacher_outputs = _teacher_cache.open_caches(trainer.exp, trainer.parts, torch.device("cpu"))
     trainer.parts.loaders.sampler.set_epoch(0)
     mixed_some = False
     for step, (images, labels, indices, views) in enumerate(trainer.parts.loaders.train):
-        mixed, _, lam = trainer.targets(images, labels, epoch=0, step=step)
+        mixed, _, lam = trainer.distill_step.targets(images, labels, epoch=0, step=step)
         mixed_some |= lam < 1
-        cached = trainer.cached_teacher_logits(indices, views, lam)
-        live = trainer.teacher_logits(mixed)
+        cached = trainer.distill_step.cached_teacher_logits(indices, views, lam)
+        live = trainer.distill_step.teacher_logits(mixed)
         for name in live:
             torch.testing.assert_close(cached[name].softmax(-1), live[name].softmax(-1), rtol=0, atol=1e-3)
     assert mixed_some == (mixing != NO_MIXING)
@@ -171,8 +171,8 @@ def test_a_top_k_cache_keeps_the_top_probabilities_exactly(write_recipe):
     trainer = make_trainer(write_recipe(CACHED), [*NO_MIXING, "teacher_cache.top_k=2"])
     indices, views = torch.tensor([1, 2]), torch.tensor([0, 1])
     images = torch.stack([replay(trainer.parts.train_set, i, v)[0] for i, v in zip(indices.tolist(), views.tolist())])
-    live = trainer.teacher_logits(images)["conv"].log_softmax(-1)
-    cached = trainer.cached_teacher_logits(indices, views, 1.0)["conv"]
+    live = trainer.distill_step.teacher_logits(images)["conv"].log_softmax(-1)
+    cached = trainer.distill_step.cached_teacher_logits(indices, views, 1.0)["conv"]
     top = live.topk(2, dim=-1).indices
     torch.testing.assert_close(cached.gather(-1, top), live.gather(-1, top), rtol=0, atol=2e-3)
     torch.testing.assert_close(cached.exp().sum(-1), torch.ones(2))  # the rest of the mass, spread evenly

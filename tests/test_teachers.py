@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import kdkit
+from kdkit._build import teacher_run_dir
 from kdkit._errors import KdkitError
 from kdkit._experiment import resolve
 from kdkit._parts import build_parts, build_teachers
 from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
-from kdkit._run import teacher_run_dir
 
 from test_datasets import make_tree
 

@@ -1,0 +1,70 @@
+"""``kdkit.build``: a recipe built as ``kdkit run`` builds it, nothing written, its step callable from a notebook."""
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdkit
+from kdkit._errors import KdkitError
+
+from conftest import TWO_TEACHER_RECIPE, contributing_example
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_notebook_example_trains_the_quickstart_student(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    printed = io.StringIO()
+    namespace = {}
+    with contextlib.redirect_stdout(printed):
+        exec(contributing_example("notebook.py", doc="README.md"), namespace)
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 4  # 64 images in batches of 16
+    for step, line in enumerate(lines):
+        number, logged = line.split(" ", 1)
+        logged = ast.literal_eval(logged)  # the printed dict
+        assert int(number) == step and set(logged) == {"loss", "ce/cls", "kl/conv", "kl/inv"}
+        assert all(math.isfinite(v) for v in logged.values())
+        assert logged["loss"] == pytest.approx(logged["ce/cls"] + logged["kl/conv"] + logged["kl/inv"], rel=1e-5)
+    built = namespace["built"]
+    assert built.step.optimizer.state  # the optimizer has stepped: Adam's moments exist
+    assert built.step.optimizer.param_groups[0]["lr"] == built.experiment.train.lr  # no schedule outside a run
+
+
+def files_under(*folders: Path) -> set[Path]:
+    return {p for folder in folders if folder.exists() for p in folder.rglob("*")}
+
+
+def test_building_writes_nothing(write_recipe, tmp_path):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    cache = Path(os.environ["KDKIT_CACHE"])
+    before = files_under(tmp_path, cache)
+    built = kdkit.build(recipe, allow_random_teachers=True)
+    assert set(built.teachers) == {"conv", "other"} and set(built.model.heads) == {"cls", "conv", "inv"}
+    images, labels = next(iter(built.loaders.train))
+    built.step(images, labels, epoch=0, step=0)
+    assert files_under(tmp_path, cache) == before
+
+
+def test_an_untrained_teacher_or_an_unbuilt_cache_is_refused_naming_what_makes_it(write_recipe):
+    teacher = write_recipe(TWO_TEACHER_RECIPE.split("[teachers.conv]")[0] + '[[losses]]\nplugin = "ce"\nhead = "pool"\n',
+                           "teacher.toml")
+    student = write_recipe(TWO_TEACHER_RECIPE.replace('[teachers.conv]\nplugin = "timm"\nmodel = "test_resnet"\n',
+                                                      f'[teachers.conv]\nrecipe = "{teacher.name}"\n'))
+    with pytest.raises(KdkitError, match=r"teachers.conv.recipe: teacher not trained yet .*kdkit.build: with "
+                                         r"train_teachers=True"):
+        kdkit.build(student, allow_random_teachers=True)
+    cached = write_recipe(TWO_TEACHER_RECIPE + "\n[teacher_cache]\nviews = 2\n", "cached.toml")
+    with pytest.raises(KdkitError, match=r"the teacher-output cache of 'conv' is not built yet \(kdkit cache build "):
+        kdkit.build(cached, ["augment.mixup=0.0", "augment.cutmix=0.0"], allow_random_teachers=True)
+    built = kdkit.build(cached, ["augment.mixup=0.0", "augment.cutmix=0.0"], train_teachers=True,
+                        allow_random_teachers=True)
+    assert set(built.step.teacher_outputs) == {"conv", "other"}
+    assert torch.is_tensor(next(iter(built.loaders.train))[2])  # the cache's views come with each batch
