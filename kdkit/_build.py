@@ -117,6 +117,20 @@ def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
     return cache_root() / "teachers" / f"{recipe.table['name']}-{key}"
 
 
+def untrained_teachers(exp: Experiment, plugins: Plugins, processes: Processes = Processes()) -> dict[str, Path]:
+    """Point every teacher given by a recipe that is trained already at its run; returns the run
+    directories the others would be trained into, by teacher name."""
+    untrained = {}
+    for name, spec in exp.teachers.items():
+        if spec.recipe is not None:
+            out = teacher_run_dir(spec.recipe, plugins)
+            if processes.on_main(RunDir(out).status) == "completed":
+                spec.checkpoint = str(out)
+            else:
+                untrained[name] = out
+    return untrained
+
+
 def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, progress: bool = False,
                     console=None, processes: Processes = Processes()) -> None:
     """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run.
@@ -124,18 +138,13 @@ def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, 
     A teacher that another process is training is waited for (its run directory's lock), then reused.
     Under torchrun the same processes train it, data-parallel, as its own run (rank 0 decides what to do).
     """
-    for name, spec in exp.teachers.items():
-        if spec.recipe is None:
-            continue
-        out = teacher_run_dir(spec.recipe, plugins)
-        rundir = RunDir(out)
-        if processes.on_main(rundir.status) == "completed":
-            spec.checkpoint = str(out)
-            continue
+    for name, out in untrained_teachers(exp, plugins, processes).items():
+        spec = exp.teachers[name]
         if not train_teachers:
             raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
                                    "or unfinished): kdkit run trains it first, unless --no-train-teachers "
                                    "(kdkit.build: with train_teachers=True)")
+        rundir = RunDir(out)
         processes.on_main(lambda: rundir.claim(waiting=say(console)))
         try:
             status, resume = processes.on_main(lambda: (rundir.status(), rundir.last.is_file()))

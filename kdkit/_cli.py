@@ -114,6 +114,35 @@ def run(
 
 
 @app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="The recipe TOML file."),
+    override: List[str] = typer.Option([], "-o", "--override", help="key.path=value (a TOML literal); repeatable."),
+    allow_random_teachers: bool = typer.Option(False, "--allow-random-teachers", help=ALLOW_RANDOM_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the recipe and a table."),
+):
+    """Check RECIPE and build its parts as `kdkit run` would; print the resolved recipe, each part's
+    parameters, the student's multiply-adds and the teachers a run would train first. Trains and writes nothing."""
+    from kdkit._check import check as check_recipe
+
+    with reported():
+        report = check_recipe(recipe, override, allow_random_teachers=allow_random_teachers)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    console = wide_console()
+    console.print(report.recipe, markup=False, highlight=False)
+    table = Table("part", "parameters")
+    for part, count in report.params.items():
+        table.add_row(part, f"{count:,}")
+    console.print(table)
+    left_out = f" (left out: {report.flops_unsupported})" if report.flops_unsupported else ""
+    flops = f"{report.flops:,}" if report.flops is not None else "n/a"
+    console.print(f"student multiply-adds per image: {flops}{left_out}", markup=False, highlight=False)
+    for name, out in report.teachers_to_train.items():
+        console.print(f"kdkit run would first train teacher {name!r} into {out}", markup=False, highlight=False)
+
+
+@app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List every registered plugin: kind, name, recipe keys and the distribution it came from."""
     from kdkit._plugins import default_plugins

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -68,3 +69,25 @@ def test_an_untrained_teacher_or_an_unbuilt_cache_is_refused_naming_what_makes_i
                         allow_random_teachers=True)
     assert set(built.step.teacher_outputs) == {"conv", "other"}
     assert torch.is_tensor(next(iter(built.loaders.train))[2])  # the cache's views come with each batch
+
+
+def test_check_prints_the_parts_sizes_and_the_teachers_to_train_and_writes_nothing(write_recipe, tmp_path, cli):
+    teacher = write_recipe(TWO_TEACHER_RECIPE.split("[teachers.conv]")[0] + '[[losses]]\nplugin = "ce"\nhead = "pool"\n',
+                           "teacher.toml")
+    recipe = write_recipe(TWO_TEACHER_RECIPE.replace('[teachers.conv]\nplugin = "timm"\nmodel = "test_resnet"\n',
+                                                     f'[teachers.conv]\nrecipe = "{teacher.name}"\n'))
+    before = files_under(tmp_path, Path(os.environ["KDKIT_CACHE"]))
+    shown = cli("check", recipe, "-o", "train.epochs=7", "--allow-random-teachers")
+    assert shown.exit_code == 0, shown.output
+    assert "epochs = 7" in shown.output and "│ heads.inv " in shown.output and "student multiply-adds per image: " in shown.output
+    assert "kdkit run would first train teacher 'conv' into " in shown.output
+    report = json.loads(cli("check", recipe, "--allow-random-teachers", "--json").output)
+    built = kdkit.build(recipe, ['teachers.conv = { plugin = "timm", model = "test_resnet" }'],
+                        allow_random_teachers=True)
+    assert report["params"] == {"student": sum(p.numel() for p in built.model.student.parameters()),
+                                **{f"heads.{n}": sum(p.numel() for p in h.parameters()) for n, h in built.model.heads.items()},
+                                "teachers.other": sum(p.numel() for p in built.teachers["other"].model.parameters())}
+    assert list(report["teachers_to_train"]) == ["conv"] and report["flops"] > 0
+    assert files_under(tmp_path, Path(os.environ["KDKIT_CACHE"])) == before
+    refused = cli("check", recipe, "-o", "train.lr=-1")
+    assert refused.exit_code == 2 and "train.lr" in refused.output and "Traceback" not in refused.output

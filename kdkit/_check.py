@@ -1,0 +1,57 @@
+"""``kdkit check``: a recipe checked and its parts built as ``kdkit run`` builds them; nothing trained or written.
+
+It answers before a long run starts: what the recipe resolves to (after ``extends`` and the
+overrides), how large each part is, how many multiply-adds the student's prediction costs, and which
+teachers a run would train first. The data is read (its first images pass through the student) and
+every teacher with weights is loaded, so what would fail in ``kdkit run``'s checks fails here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from kdkit._build import untrained_teachers
+from kdkit._experiment import resolve
+from kdkit._parts import build_parts, build_teacher
+from kdkit._plugins import default_plugins
+from kdkit._recipe import load_recipe
+from kdkit._run import student_flops
+
+
+@dataclass
+class CheckReport:
+    """What ``kdkit check`` prints, or writes as JSON."""
+
+    recipe: str  # the resolved recipe, as TOML
+    params: dict[str, int]  # "student", "heads.<name>", "teachers.<name>" (those with weights now)
+    flops: int | None  # multiply-adds of one image through the eval prediction
+    flops_unsupported: dict[str, int]  # operators the count has no rule for, left out
+    teachers_to_train: dict[str, str]  # teacher -> the run directory its recipe would be trained into
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def check(recipe_path, overrides=(), *, allow_random_teachers: bool = False) -> CheckReport:
+    """Check ``recipe_path`` with ``overrides`` and build its student, heads and existing teachers on the CPU."""
+    plugins = default_plugins()
+    recipe = load_recipe(recipe_path, list(overrides))
+    exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
+    device = torch.device("cpu")
+    torch.manual_seed(exp.seed)
+    parts = build_parts(exp, plugins, device)
+    to_train = untrained_teachers(exp, plugins)
+    params = {"student": parameters(parts.model.student),
+              **{f"heads.{name}": parameters(head) for name, head in parts.model.heads.items()}}
+    for name in exp.needed_teachers:
+        if name not in to_train:
+            params[f"teachers.{name}"] = parameters(build_teacher(exp, name, plugins, parts.splits, device).model)
+    flops = student_flops(exp, parts, plugins)
+    return CheckReport(recipe.to_toml(), params, flops.total, flops.unsupported,
+                       {name: str(out) for name, out in to_train.items()})
