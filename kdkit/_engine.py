@@ -105,6 +105,7 @@ class Trainer:
         self.scheduler.step_update(0)
         self.resumed = False
         self.stop = StopOnSignal()
+        self.stop_reason: str | None = None  # a callback's request_stop
         self.clock = (time.perf_counter(), 0.0)
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -139,6 +140,10 @@ class Trainer:
                 self.summary["status"] = "running"
                 self.hook.kdkit_run_start(trainer=self)
                 for epoch in range(self.state.epoch, self.cfg.epochs):
+                    if self.in_any_process(self.stop_reason is not None):
+                        self.summary.update(stopped_early=True, stop_reason=self.stop_reason
+                                            or "a callback in another process asked to stop")
+                        break
                     self.train_epoch(epoch)
                     self.end_epoch(epoch)
                     if self.stopping():
@@ -190,8 +195,21 @@ class Trainer:
 
     def stopping(self) -> bool:
         """Whether a signal asked to stop, in any process: all processes stop after the same step."""
-        asked = torch.tensor([float(self.stop.signum is not None)], device=self.device)
-        return bool(self.processes.sum(asked).item()) if self.processes.active else self.stop.signum is not None
+        return self.in_any_process(self.stop.signum is not None)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current epoch (or, asked at the run's start, before the next one) as
+        completed: the test split is evaluated and the student exported as after the last epoch, and the
+        summary says ``stopped_early`` and ``reason``. For control callbacks, e.g. early stopping. The
+        request is not checkpointed: a callback that decides from the run's history decides again on resume."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def in_any_process(self, flag: bool) -> bool:
+        """``flag`` in this process or any other: every process takes the same turn."""
+        if not self.processes.active:
+            return flag
+        return bool(self.processes.sum(torch.tensor([float(flag)], device=self.device)).item())
 
     @property
     def wall_s(self) -> float:

@@ -134,7 +134,7 @@ def check_teachers_unchanged(rundir: RunDir, checkpoint: dict, hashes: dict[str,
 # The summary's values before the first epoch; training and the engine update them.
 STARTING = {"status": "running", "epochs": 0, "top1": {}, "best_top1": None, "best_epoch": None, "test_top1": {},
             "best_test_top1": None, "teacher_top1": {}, "train_images_per_s": None, "infer_images_per_s": None,
-            "wall_s": 0.0}
+            "wall_s": 0.0, "stopped_early": False, "stop_reason": None}
 
 
 def student_flops(exp: Experiment, parts: Parts, plugins: Plugins) -> FlopCount:

@@ -1,0 +1,71 @@
+"""Control callbacks: ``early_stopping`` ends a run as completed, decides the same across a resume, and
+a stopped run compares like any other."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from safetensors.torch import load_file
+
+from conftest import TWO_TEACHER_RECIPE
+from kdkit import api
+from kdkit_plugins.early_stopping import EarlyStopping
+
+# lr falls every epoch (cosine, no warmup): with patience 1 the run stops after its second epoch of five
+STOPS_AFTER_TWO = ["-o", "train.epochs=5", "-o", "train.warmup_epochs=0",
+                   "-o", 'callbacks.early_stopping={ metric = "lr", patience = 1 }', "--allow-random-teachers"]
+
+
+def summary_of(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_early_stopping_ends_the_run_completed_and_decides_again_after_a_resume(write_recipe, cli, tmp_path,
+                                                                                 monkeypatch):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    stopped = tmp_path / "stopped"
+    result = cli("run", recipe, "--out", stopped, *STOPS_AFTER_TWO)
+    assert result.exit_code == 0, result.output
+    summary = summary_of(stopped)
+    assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["stopped_early"] is True
+    assert summary["stop_reason"].startswith("lr has not improved by more than 0 for 1 epochs (best ")
+    assert summary["test_top1"] and (stopped / "student.safetensors").is_file()
+    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 2
+
+    real = EarlyStopping.kdkit_epoch_end
+
+    @api.hookimpl
+    def decide_then_signal(self, trainer, row):  # SIGTERM right after the decision, before the run acts on it
+        real(self, trainer, row)
+        if trainer.state.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(EarlyStopping, "kdkit_epoch_end", decide_then_signal)
+        result = cli("run", recipe, "--out", interrupted, "-o", 'name="again"', *STOPS_AFTER_TWO)
+    assert result.exit_code == 143 and summary_of(interrupted)["status"] == "interrupted", result.output
+    result = cli("run", recipe, "--out", interrupted, "--resume", "-o", 'name="again"', *STOPS_AFTER_TWO)
+    assert result.exit_code == 0, result.output
+    resumed = summary_of(interrupted)
+    assert (resumed["status"], resumed["epochs"], resumed["stop_reason"]) == ("completed", 2, summary["stop_reason"])
+    assert load_file(interrupted / "student.safetensors").keys() == load_file(stopped / "student.safetensors").keys()
+    assert all((load_file(interrupted / "student.safetensors")[k] == v).all()
+               for k, v in load_file(stopped / "student.safetensors").items())  # the same student, bit for bit
+
+    compared = cli("compare", stopped, interrupted)
+    assert compared.exit_code == 0, compared.output
+    assert "│ recipe " in compared.output and "│ again " in compared.output  # a row each, as any runs
+
+
+def test_a_metric_no_epoch_row_has_is_refused(write_recipe, cli, tmp_path):
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    out = tmp_path / "run"
+    result = cli("run", recipe, "--out", out, "-o", 'callbacks.early_stopping={ metric = "accuracy" }',
+                 "--allow-random-teachers")
+    assert result.exit_code == 2 and "'accuracy' is not in an epoch's metrics row" in result.output
+    assert not out.exists()  # refused before anything was written
+    result = cli("run", recipe, "--out", out, "-o", 'callbacks.early_stopping={ metric = "top1.nope" }',
+                 "--allow-random-teachers")
+    assert result.exit_code == 2 and "the epochs' rows have no 'top1.nope'; they have lr, train.loss" in result.output
