@@ -4,6 +4,8 @@ The user API is here (``run``, ``build``, ``load``, ``build_model``); plugins us
 """
 from __future__ import annotations
 
+import warnings
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "build", "build_model", "load", "run"]
@@ -41,3 +43,12 @@ def build_model(kind: str, **table):
     from kdkit._parts import build_model as _build_model
 
     return _build_model(kind, **table)
+
+
+def __getattr__(name: str):
+    if name == "hookimpl":  # where 0.1's plugins imported it from
+        warnings.warn("kdkit.hookimpl is deprecated: use kdkit.api.hookimpl", DeprecationWarning, stacklevel=2)
+        from kdkit.api import hookimpl
+
+        return hookimpl
+    raise AttributeError(f"module 'kdkit' has no attribute {name!r}")

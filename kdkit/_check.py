@@ -14,7 +14,7 @@ from torch import nn
 
 from kdkit._build import untrained_teachers
 from kdkit._experiment import resolve
-from kdkit._parts import build_parts, build_teacher
+from kdkit._parts import build_checked_teacher, build_parts
 from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
 from kdkit._run import student_flops
@@ -25,7 +25,7 @@ class CheckReport:
     """What ``kdkit check`` prints, or writes as JSON."""
 
     recipe: str  # the resolved recipe, as TOML
-    params: dict[str, int]  # "student", "heads.<name>", "teachers.<name>" (those with weights now)
+    params: dict[str, int]  # "student", "heads.<name>", "teachers.<name>" (every teacher but those to train)
     flops: int | None  # multiply-adds of one image through the eval prediction
     flops_unsupported: dict[str, int]  # operators the count has no rule for, left out
     teachers_to_train: dict[str, str]  # teacher -> the run directory its recipe would be trained into
@@ -51,7 +51,7 @@ def check(recipe_path, overrides=(), *, allow_random_teachers: bool = False) -> 
               **{f"heads.{name}": parameters(head) for name, head in parts.model.heads.items()}}
     for name in exp.needed_teachers:
         if name not in to_train:
-            params[f"teachers.{name}"] = parameters(build_teacher(exp, name, plugins, parts.splits, device).model)
+            params[f"teachers.{name}"] = parameters(build_checked_teacher(exp, name, plugins, parts, device).model)
     flops = student_flops(exp, parts, plugins)
     return CheckReport(recipe.to_toml(), params, flops.total, flops.unsupported,
                        {name: str(out) for name, out in to_train.items()})

@@ -28,6 +28,7 @@ from kdkit._config import TrainConfig
 from kdkit._errors import KdkitError, RunFailed, RunInterrupted, UnreadableImage, keep_first_error
 from kdkit._model import DistillModel, prediction_names, predictions
 from kdkit._precision import autocast
+from kdkit._run_view import Run
 from kdkit._rundir import RunDir
 from kdkit._signals import StopOnSignal
 from kdkit._step import NonFiniteLoss
@@ -87,15 +88,15 @@ class _Stop(Exception):
 class Trainer:
     """One run of ``exp``: its parts, state, the run directory and the summary it keeps.
 
-    ``hook`` is the plugin manager's hook relay (every plugin and the run's callbacks). Plugins read
-    ``state``, ``summary``, ``rundir``, ``export_meta``, ``resumed`` and ``is_main``; they never change
-    the state. With several processes (torchrun) every process runs the hooks; only the main one
-    (``is_main``, rank 0) should write files or print. ``distill_step`` makes each optimizer update.
+    ``hook`` is the plugin manager's hook relay (every plugin and the run's callbacks); the hooks receive
+    ``view``, the run read-only (``kdkit._run_view.Run``). With several processes (torchrun) every process
+    runs the hooks; only the main one (``is_main``, rank 0) should write files or print.
+    ``distill_step`` makes each optimizer update.
     """
 
     def __init__(self, built: Built, *, rundir: RunDir, hook, summary: dict):
         self.exp, self.parts, self.distill_step = built.experiment, built.parts, built.step
-        self.cfg, self.device, self.processes = self.exp.train, self.distill_step.device, self.distill_step.processes
+        self.cfg, self.device = self.exp.train, self.distill_step.device
         self.rundir, self.hook, self.summary = rundir, hook, summary
         self.is_main = self.processes.is_main
         self.export_meta = self.parts.export_meta
@@ -106,7 +107,13 @@ class Trainer:
         self.resumed = False
         self.stop = StopOnSignal()
         self.stop_reason: str | None = None  # a callback's request_stop
+        self.view = Run(self)  # what the lifecycle hooks receive
         self.clock = (time.perf_counter(), 0.0)
+
+    @property
+    def processes(self):
+        """This process's place among the run's processes (the step's: one truth for both)."""
+        return self.distill_step.processes
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -115,7 +122,7 @@ class Trainer:
     def checkpoint(self) -> dict:
         """The whole training state, the summary, and every plugin's ``kdkit_state_dict`` entries."""
         extra = {}
-        for part in self.hook.kdkit_state_dict(trainer=self):
+        for part in self.hook.kdkit_state_dict(trainer=self.view):
             clash = extra.keys() & part.keys()
             if clash:
                 raise KdkitError(f"two plugins keep checkpoint state under {sorted(clash)}")
@@ -126,7 +133,7 @@ class Trainer:
         """Continue from ``checkpoint`` (made by ``checkpoint()``), in the middle of an epoch or at its end."""
         self.state.load_state_dict(checkpoint)
         self.scheduler.step_update(self.state.step)
-        self.hook.kdkit_load_state_dict(trainer=self, state=checkpoint["plugins"])
+        self.hook.kdkit_load_state_dict(trainer=self.view, state=checkpoint["plugins"])
         self.resumed = True
 
     # --- the run ----------------------------------------------------------------------------------
@@ -138,9 +145,9 @@ class Trainer:
         with self.stop:  # also while the run-end hooks write the checkpoint: a second signal exits at once
             try:
                 self.summary["status"] = "running"
-                self.hook.kdkit_run_start(trainer=self)
+                self.hook.kdkit_run_start(trainer=self.view)
                 for epoch in range(self.state.epoch, self.cfg.epochs):
-                    if self.in_any_process(self.stop_reason is not None):
+                    if self.state.batch == 0 and self.in_any_process(self.stop_reason is not None):
                         self.summary.update(stopped_early=True, stop_reason=self.stop_reason
                                             or "a callback in another process asked to stop")
                         break
@@ -162,7 +169,7 @@ class Trainer:
             finally:
                 self.summary.update(status=status, wall_s=self.wall_s)
                 with keep_first_error(sys.exc_info()[1]):  # a second error (the summary cannot be written) is a note
-                    self.hook.kdkit_run_end(trainer=self, status=status)
+                    self.hook.kdkit_run_end(trainer=self.view, status=status)
 
     @torch.no_grad()
     def check_first_batches(self, epoch: int = 0, batch: int = 0) -> None:
@@ -198,10 +205,11 @@ class Trainer:
         return self.in_any_process(self.stop.signum is not None)
 
     def request_stop(self, reason: str) -> None:
-        """End the run after the current epoch (or, asked at the run's start, before the next one) as
-        completed: the test split is evaluated and the student exported as after the last epoch, and the
-        summary says ``stopped_early`` and ``reason``. For control callbacks, e.g. early stopping. The
-        request is not checkpointed: a callback that decides from the run's history decides again on resume."""
+        """End the run after the current epoch (asked at the start of a run resumed after an epoch: before
+        the next one) as completed: the test split is evaluated and the student exported as after the
+        last epoch, and the summary says ``stopped_early`` and ``stop_reason``. For control callbacks, e.g.
+        early stopping. The request is not checkpointed: a callback that decides from the run's history
+        decides again on resume."""
         if self.stop_reason is None:
             self.stop_reason = reason
 
@@ -230,7 +238,7 @@ class Trainer:
             state.seen += len(labels) * self.processes.world  # each process trains an equal share
             for key, value in logged.items():
                 state.sums[key] = state.sums.get(key, 0.0) + value
-            self.hook.kdkit_step_end(trainer=self, logged=logged)
+            self.hook.kdkit_step_end(trainer=self.view, logged=logged)
             if self.stopping():
                 raise _Stop
             last = time.perf_counter()
@@ -239,7 +247,7 @@ class Trainer:
         """Evaluate, count the epoch, keep best/last, and hand the metrics row to the hooks."""
         state = self.state
         top1 = self.evaluate()
-        for extra in self.hook.kdkit_evaluate(trainer=self):
+        for extra in self.hook.kdkit_evaluate(trainer=self.view):
             clash = top1.keys() & extra.keys()
             if clash:
                 raise KdkitError(f"a plugin's kdkit_evaluate reports {sorted(clash)}, which the run already has")
@@ -256,7 +264,7 @@ class Trainer:
         speeds = [r["images_per_s"] for r in state.history]
         self.summary.update(epochs=state.epoch, top1=top1, best_top1=state.best_top1, best_epoch=state.best_epoch,
                             train_images_per_s=sum(speeds) / len(speeds), wall_s=self.wall_s)
-        self.hook.kdkit_epoch_end(trainer=self, row=row)
+        self.hook.kdkit_epoch_end(trainer=self.view, row=row)
 
     @property
     def lr(self) -> float:

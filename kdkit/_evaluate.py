@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from kdkit import _export as export
+from kdkit._build import build_all_parts
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
 from kdkit._model import DistillModel, prediction_names, predictions
 from kdkit._parts import Parts, default_device
-from kdkit._build import build_all_parts
 from kdkit._plugins import default_plugins
 from kdkit._precision import autocast
 from kdkit._recipe import load_recipe
@@ -97,7 +97,6 @@ def evaluate(rebuilt: Rebuilt) -> Evaluation:
     head_top1 = Top1(prediction_names(list(rebuilt.model.heads)))
     teacher_top1 = Top1(rebuilt.parts.teachers)
     kl: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    total = 0
     for images, labels in loader:
         heads, teachers = rebuilt.logits(images)
         labels = labels.to(rebuilt.device)
@@ -108,7 +107,7 @@ def evaluate(rebuilt: Rebuilt) -> Evaluation:
                 kl[head][teacher] += F.kl_div(head_logits.double().log_softmax(-1),
                                               teacher_logits.double().log_softmax(-1),
                                               log_target=True, reduction="sum").item()
-        total += len(labels)
+    total = head_top1.images
 
     return Evaluation(str(rebuilt.path), total, head_top1.percent(), teacher_top1.percent(),
                       {head: {t: value / total for t, value in row.items()} for head, row in kl.items()})

@@ -2,8 +2,8 @@
 
 Two families. Registration hooks, one per kind, each given that kind's mmengine Registry: plugins
 add students, teachers, heads, losses, datasets and callbacks by name. Lifecycle hooks, called by
-``Trainer.fit`` on every registered plugin and on the callbacks a run builds: they receive the
-``Trainer`` (its ``state``, ``rundir``, ``summary``...) and must not change the training state.
+``Trainer.fit`` on every registered plugin and on the callbacks a run builds: they receive the run,
+read-only, as ``trainer`` (``kdkit.api.Run``: its counters, history, summary, run directory, model).
 
 The built-in plugins in ``kdkit_plugins`` use exactly these hooks and are found through the same
 ``kdkit`` entry-point group as third-party packages; the progress display, ``metrics.jsonl`` and
@@ -84,7 +84,7 @@ def kdkit_evaluate(trainer) -> dict[str, float] | None:
 
 @hookspec
 def kdkit_epoch_end(trainer, row: dict) -> None:
-    """An epoch is complete and ``trainer.state`` counts it; ``row`` is its ``metrics.jsonl`` line."""
+    """An epoch is complete and ``trainer.epoch`` counts it; ``row`` is its ``metrics.jsonl`` line."""
 
 
 @hookspec

@@ -165,16 +165,19 @@ def probe_student(model: DistillModel, plugin: str, image: torch.Tensor, num_cla
 
 def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torch.device) -> dict[str, Teacher]:
     """The teachers the losses name (every ``recipe`` teacher already trained), each checked on one image."""
+    return {name: build_checked_teacher(exp, name, plugins, parts, device) for name in exp.needed_teachers}
+
+
+@torch.no_grad()
+def build_checked_teacher(exp: Experiment, name: str, plugins: Plugins, parts: Parts, device: torch.device) -> Teacher:
+    """One teacher (``build_teacher``), checked on one validation image: one logit per class of the data."""
+    teacher = build_teacher(exp, name, plugins, parts.splits, device)
     image = parts.val_set[0][0].unsqueeze(0).to(device)
-    teachers = {}
-    for name in exp.needed_teachers:
-        teacher = build_teacher(exp, name, plugins, parts.splits, device)
-        logits = teacher.logits(image, *parts.normalization(device))
-        if tuple(logits.shape) != (1, parts.splits.num_classes):
-            raise exp.recipe.error(f"teachers.{name}", f"the teacher gives {tuple(logits.shape)} for one image, "
-                                   f"expected (1, {parts.splits.num_classes}): one logit per class of the data")
-        teachers[name] = teacher
-    return teachers
+    logits = teacher.logits(image, *parts.normalization(device))
+    if tuple(logits.shape) != (1, parts.splits.num_classes):
+        raise exp.recipe.error(f"teachers.{name}", f"the teacher gives {tuple(logits.shape)} for one image, "
+                               f"expected (1, {parts.splits.num_classes}): one logit per class of the data")
+    return teacher
 
 
 def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetSplits,

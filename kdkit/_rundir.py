@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
@@ -134,8 +135,8 @@ class RunDir:
         """Replace ``metrics.jsonl`` with ``rows``, the run's history: every epoch exactly once, never a torn line."""
         atomic_write(self.metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    def write_summary(self, summary: Mapping) -> None:
+        atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(dict(summary), indent=2) + "\n"))
 
     def remove_temporaries(self) -> None:
         """Remove what a killed process left of its atomic writes (``.<name>.<pid>.tmp``, often empty)."""

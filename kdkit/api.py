@@ -17,26 +17,37 @@ every other core module is private (its name starts with an underscore) and may 
 - models and losses: ``PooledStudent`` (a CNN's pooled features as the student embedding
   ``pool``), ``teacher_log_probs`` (several teachers combined, as ``kl`` does it), ``traced_shape``
   (for ``kdkit_flop_rules``: the shape of an operator's traced input or output).
-- runs, for callbacks: ``Trainer`` (what lifecycle hooks receive), ``RunDir`` (the run directory's
-  paths and atomic writers), ``save_checkpoint`` and ``save_export``.
+- runs, for callbacks: ``Run`` (what lifecycle hooks receive: the run, read-only), ``RunDir`` (the run
+  directory's paths and atomic writers), ``save_checkpoint`` and ``save_export``. ``Trainer``, what
+  0.1's hooks were annotated with, is a deprecated alias of ``Run``.
 """
+import warnings
+
 from kdkit._checkpoint import save_checkpoint
 from kdkit._config import MAX_CLASSES, MAX_IMAGE_SIZE, AugmentConfig, cache_root, default_data_root
 from kdkit._data import DatasetSplits, build_transforms, fingerprint
-from kdkit._engine import Trainer
 from kdkit._errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
 from kdkit._export import save as save_export
 from kdkit._flops import traced_shape
 from kdkit._hookspecs import hookimpl
 from kdkit._images import read_image
 from kdkit._model import PooledStudent
+from kdkit._run_view import Run
 from kdkit._rundir import RunDir
 from kdkit._schema import Range
 from kdkit._teacher import teacher_log_probs
 
 __all__ = [
     "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",
-    "RunDir", "RunFailed", "Trainer", "UnreadableImage", "build_transforms", "cache_root", "default_data_root",
+    "Run", "RunDir", "RunFailed", "UnreadableImage", "build_transforms", "cache_root", "default_data_root",
     "did_you_mean", "fingerprint", "hookimpl", "keep_first_error", "read_image", "save_checkpoint", "save_export",
     "teacher_log_probs", "traced_shape",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Trainer":
+        warnings.warn("kdkit.api.Trainer is deprecated: hooks receive a kdkit.api.Run", DeprecationWarning,
+                      stacklevel=2)
+        return Run
+    raise AttributeError(f"module 'kdkit.api' has no attribute {name!r}")

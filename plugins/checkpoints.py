@@ -16,14 +16,14 @@ class Checkpoints:
     main_process_only = True
 
     @api.hookimpl
-    def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
+    def kdkit_epoch_end(self, trainer: api.Run, row: dict) -> None:
         checkpoint = trainer.checkpoint()
         api.save_checkpoint(trainer.rundir.last, checkpoint)
-        if trainer.state.best_epoch == trainer.state.epoch:
+        if trainer.best_epoch == trainer.epoch:
             api.save_checkpoint(trainer.rundir.best, checkpoint)
 
     @api.hookimpl
-    def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
+    def kdkit_run_end(self, trainer: api.Run, status: str) -> None:
         if status == "interrupted":  # mid-epoch: the state after the last finished step
             api.save_checkpoint(trainer.rundir.last, trainer.checkpoint())
 

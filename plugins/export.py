@@ -10,9 +10,9 @@ class Export:
     main_process_only = True
 
     @api.hookimpl
-    def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
+    def kdkit_run_end(self, trainer: api.Run, status: str) -> None:
         if status == "completed":
-            api.save_export(trainer.rundir.export, trainer.state.model, trainer.export_meta)
+            api.save_export(trainer.rundir.export, trainer.model, trainer.export_meta)
 
 
 def export() -> Export:

@@ -22,37 +22,34 @@ class ProgressDisplay:
         self.task = None
 
     @api.hookimpl
-    def kdkit_run_start(self, trainer: api.Trainer) -> None:
+    def kdkit_run_start(self, trainer: api.Run) -> None:
         for name, value in trainer.summary["teacher_top1"].items():
             self.console.print(f"teacher {name!r}: validation top-1 {value:.2f}%", soft_wrap=True)
         if trainer.resumed:
-            state = trainer.state
-            self.console.print(f"resuming {trainer.rundir.path} at epoch {state.epoch + 1}, step {state.batch}",
+            self.console.print(f"resuming {trainer.rundir.path} at epoch {trainer.epoch + 1}, step {trainer.batch}",
                                soft_wrap=True)
         columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
                    MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
         self.progress = Progress(*columns, console=self.console)
         self.progress.start()
         steps = trainer.steps_per_epoch
-        self.task = self.progress.add_task("train", total=steps * trainer.cfg.epochs,
-                                           completed=steps * trainer.state.epoch + trainer.state.batch,
-                                           epoch=trainer.state.epoch + 1, epochs=trainer.cfg.epochs, info="")
+        self.task = self.progress.add_task("train", total=steps * trainer.epochs,
+                                           completed=steps * trainer.epoch + trainer.batch,
+                                           epoch=trainer.epoch + 1, epochs=trainer.epochs, info="")
 
     @api.hookimpl
-    def kdkit_step_end(self, trainer: api.Trainer, logged: dict[str, float]) -> None:
-        state = trainer.state
-        speed = state.seen / state.train_s if state.train_s else 0.0
+    def kdkit_step_end(self, trainer: api.Run, logged: dict[str, float]) -> None:
         info = " ".join(f"{k} {v:.3f}" for k, v in logged.items())
-        self.progress.update(self.task, advance=1, epoch=state.epoch + 1,
-                             info=f"{info} lr {trainer.lr:.2e} {speed:.0f} img/s")
+        self.progress.update(self.task, advance=1, epoch=trainer.epoch + 1,
+                             info=f"{info} lr {trainer.lr:.2e} {trainer.epoch_images_per_s:.0f} img/s")
 
     @api.hookimpl
-    def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
+    def kdkit_epoch_end(self, trainer: api.Run, row: dict) -> None:
         self.progress.console.print(f"epoch {row['epoch']}: " +
                                     " ".join(f"{k} {v:.2f}%" for k, v in row["top1"].items()))
 
     @api.hookimpl
-    def kdkit_run_end(self, trainer: api.Trainer, status: str) -> None:
+    def kdkit_run_end(self, trainer: api.Run, status: str) -> None:
         if self.progress is not None:
             self.progress.stop()
         self.console.print(summary_table(trainer.summary, trainer.rundir.path))

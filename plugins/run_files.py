@@ -16,27 +16,26 @@ class RunFiles:
     main_process_only = True
 
     @api.hookimpl
-    def kdkit_run_start(self, trainer: api.Trainer) -> None:
+    def kdkit_run_start(self, trainer: api.Run) -> None:
         trainer.rundir.remove_temporaries()
         if trainer.resumed:
-            trainer.rundir.write_metrics(trainer.state.history)
+            trainer.rundir.write_metrics(trainer.history)
         trainer.rundir.write_summary(trainer.summary)
 
     @api.hookimpl
-    def kdkit_epoch_end(self, trainer: api.Trainer, row: dict) -> None:
-        trainer.rundir.write_metrics(trainer.state.history)
+    def kdkit_epoch_end(self, trainer: api.Run, row: dict) -> None:
+        trainer.rundir.write_metrics(trainer.history)
         trainer.rundir.write_summary(trainer.summary)
 
     @api.hookimpl(wrapper=True)
-    def kdkit_run_end(self, trainer: api.Trainer, status: str):
+    def kdkit_run_end(self, trainer: api.Run, status: str):
         """Around the other run-end hooks, so the summary comes last ('completed' means the export is written)
         and says 'failed' when one of them failed (the export or the checkpoint could not be written)."""
         try:
             yield
         except Exception as exc:
-            trainer.summary["status"] = "failed"
             with api.keep_first_error(exc):
-                trainer.rundir.write_summary(trainer.summary)
+                trainer.rundir.write_summary({**trainer.summary, "status": "failed"})
             raise
         trainer.rundir.write_summary(trainer.summary)
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import kdkit
 from kdkit._cli import app
 from kdkit._engine import Trainer
-from kdkit._plugins import default_plugins
+from kdkit._plugins import Plugins, default_plugins
 from kdkit._rundir import RunDir
 from kdkit_plugins import involution_fused
 
@@ -139,6 +139,15 @@ def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = True, devi
                         device=device)
     return Trainer(built, rundir=RunDir(recipe_path.parent / "unused"),
                    hook=(plugins or default_plugins()).manager.hook, summary={})
+
+
+def plugins_with(*objects) -> Plugins:
+    """The installed plugins and these hook implementations (not registered anywhere else)."""
+    plugins = Plugins()
+    plugins.load_entry_points()
+    for obj in objects:
+        plugins.manager.register(obj)
+    return plugins
 
 
 def make_distribution(root, name: str, modules: dict[str, str], entry_points: dict[str, str]):

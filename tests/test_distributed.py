@@ -66,9 +66,9 @@ from kdkit import api
 
 @api.hookimpl
 def kdkit_step_end(trainer, logged):
-    if trainer.state.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")) and trainer.is_main:
+    if trainer.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")) and trainer.is_main:
         os.kill(os.getpid(), signal.SIGTERM)
-    if trainer.state.step == int(os.environ.get("KDKIT_TEST_STOP_AT_STEP", "-1")) and not trainer.is_main:
+    if trainer.step == int(os.environ.get("KDKIT_TEST_STOP_AT_STEP", "-1")) and not trainer.is_main:
         os.kill(os.getpid(), signal.SIGSTOP)  # a stalled peer
 '''
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]  # one worker: one reference run

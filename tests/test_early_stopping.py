@@ -2,13 +2,14 @@
 a stopped run compares like any other."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 
 from safetensors.torch import load_file
 
-from conftest import TWO_TEACHER_RECIPE
+from conftest import TWO_TEACHER_RECIPE, make_trainer, plugins_with
 from kdkit import api
 from kdkit_plugins.early_stopping import EarlyStopping
 
@@ -38,7 +39,7 @@ def test_early_stopping_ends_the_run_completed_and_decides_again_after_a_resume(
     @api.hookimpl
     def decide_then_signal(self, trainer, row):  # SIGTERM right after the decision, before the run acts on it
         real(self, trainer, row)
-        if trainer.state.epoch == 2:
+        if trainer.epoch == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     interrupted = tmp_path / "interrupted"
@@ -59,13 +60,38 @@ def test_early_stopping_ends_the_run_completed_and_decides_again_after_a_resume(
     assert "│ recipe " in compared.output and "│ again " in compared.output  # a row each, as any runs
 
 
-def test_a_metric_no_epoch_row_has_is_refused(write_recipe, cli, tmp_path):
+def test_a_metric_no_epoch_row_has_is_refused_or_fails_the_run_at_once(write_recipe, cli, tmp_path):
     recipe = write_recipe(TWO_TEACHER_RECIPE)
     out = tmp_path / "run"
-    result = cli("run", recipe, "--out", out, "-o", 'callbacks.early_stopping={ metric = "accuracy" }',
+    for metric in ("accuracy", "images_per_s"):  # not a row's number, or a timing
+        result = cli("run", recipe, "--out", out, "-o", f'callbacks.early_stopping={{ metric = "{metric}" }}',
+                     "--allow-random-teachers")
+        assert result.exit_code == 2 and f"{metric!r} is not in an epoch's metrics row" in result.output
+        assert not out.exists()  # refused before anything was written
+    result = cli("run", recipe, "--out", out, "-o", 'callbacks.early_stopping={ metric = "train.kl/nope" }',
                  "--allow-random-teachers")
-    assert result.exit_code == 2 and "'accuracy' is not in an epoch's metrics row" in result.output
-    assert not out.exists()  # refused before anything was written
-    result = cli("run", recipe, "--out", out, "-o", 'callbacks.early_stopping={ metric = "top1.nope" }',
+    assert result.exit_code == 1 and "they have train.loss, train.ce/cls, train.kl/conv" in result.output
+    result = cli("run", recipe, "--out", tmp_path / "top1", "-o", 'callbacks.early_stopping={ metric = "top1.nope" }',
                  "--allow-random-teachers")
-    assert result.exit_code == 2 and "the epochs' rows have no 'top1.nope'; they have lr, train.loss" in result.output
+    assert result.exit_code == 1 and "the epochs' rows have no 'top1.nope'; they have lr, train.loss" in result.output
+
+
+class StopAtStart:
+    @api.hookimpl
+    def kdkit_run_start(self, trainer):
+        trainer.request_stop("asked at the start")
+
+
+def test_a_stop_asked_when_a_run_resumes_mid_epoch_comes_after_that_epoch(write_recipe):
+    """A resumed run finishes the epoch it stopped in before a stop takes effect: never half an epoch."""
+    recipe = write_recipe(TWO_TEACHER_RECIPE)
+    stopped = make_trainer(recipe)
+    stopped.parts.loaders.sampler.set_epoch(0)
+    for images, labels in itertools.islice(stopped.parts.loaders.train, 2):
+        stopped.train_step(images, labels, epoch=0)
+        stopped.state.batch += 1
+    resumed = make_trainer(recipe, plugins=plugins_with(StopAtStart()))
+    resumed.resume(stopped.checkpoint())
+    resumed.fit()
+    assert resumed.summary["stopped_early"] and resumed.summary["stop_reason"] == "asked at the start"
+    assert resumed.state.step == 4 and resumed.summary["epochs"] == 1 and len(resumed.state.history) == 1

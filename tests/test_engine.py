@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TWO_TEACHER_RECIPE, make_trainer
+from conftest import TWO_TEACHER_RECIPE, make_trainer, plugins_with
 from kdkit import api
 from kdkit._distributed import Processes
 from kdkit._errors import KdkitError, RunInterrupted
-from kdkit._plugins import Plugins
 from kdkit._precision import autocast
 from kdkit._signals import StopOnSignal
 from kdkit._step import DROP_PATH_STREAM, NonFiniteLoss
@@ -377,15 +376,6 @@ def test_the_best_epochs_student_is_kept_as_it_was(write_recipe, monkeypatch):
     assert not all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in second.items())
 
 
-def plugins_with(*objects) -> Plugins:
-    """The installed plugins and these hook implementations (not registered anywhere else)."""
-    plugins = Plugins()
-    plugins.load_entry_points()
-    for obj in objects:
-        plugins.manager.register(obj)
-    return plugins
-
-
 class KeepsState:
     def __init__(self, key: str):
         self.key, self.restored = key, None
@@ -447,7 +437,7 @@ def test_any_non_finite_term_stops_the_step_by_name_and_top1_is_the_exact_fracti
 def test_a_signal_to_any_process_stops_every_process(write_recipe):
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
     assert not trainer.stopping()
-    trainer.processes = TwoProcesses(other=1.0)  # the other process was signalled, this one not
+    trainer.distill_step.processes = TwoProcesses(other=1.0)  # the other process was signalled, this one not
     assert trainer.stopping()
 
 
@@ -470,7 +460,7 @@ def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
 
 def test_the_training_speed_counts_the_images_of_every_process(write_recipe):
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
-    trainer.processes = TwoProcesses()  # the other process trains a share as large as this one's
+    trainer.distill_step.processes = TwoProcesses()  # the other process trains a share as large as this one's
     trainer.train_epoch(0)
     assert trainer.state.seen == 2 * sum(len(labels) for _, labels, *_ in trainer.parts.loaders.train)
 

@@ -34,7 +34,7 @@ SIGNAL_PLUGIN = '''
 """Test plugin: after optimizer step $KDKIT_TEST_SIGNAL_AT_STEP this process signals itself, or with
 $KDKIT_TEST_SIGNAL_PARENT=process the compare command that started it (=group: that command's process
 group, as a terminal's Ctrl-C does) and waits for the signal to be passed back to it (``trainer.stop``:
-the engine's, read by this test only)."""
+the engine's own, which a run's view keeps for its tests)."""
 import os
 import signal
 import time
@@ -50,7 +50,7 @@ def compare_pid():
 
 @api.hookimpl
 def kdkit_step_end(trainer, logged):
-    if trainer.state.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")):
+    if trainer.step == int(os.environ.get("KDKIT_TEST_SIGNAL_AT_STEP", "-1")):
         signum = getattr(signal, os.environ.get("KDKIT_TEST_SIGNAL", "SIGTERM"))
         parent = os.environ.get("KDKIT_TEST_SIGNAL_PARENT")
         if parent == "group":
@@ -60,7 +60,7 @@ def kdkit_step_end(trainer, logged):
         else:
             for _ in range(int(os.environ.get("KDKIT_TEST_SIGNAL_COUNT", "1"))):
                 os.kill(os.getpid(), signum)
-        while parent and trainer.stop.signum is None:  # until the parent passes the signal back
+        while parent and trainer._trainer.stop.signum is None:  # until the parent passes the signal back
             time.sleep(0.05)
 '''
 TIMING = {"images_per_s", "wall_s"}
