@@ -18,8 +18,14 @@ import torch
 
 if TYPE_CHECKING:
     from kdkit._engine import Trainer
-    from kdkit._model import DistillModel
-    from kdkit._rundir import RunDir
+
+
+def _read(part: str | None, name: str) -> property:
+    """A read-only property: the trainer's ``name`` (or that of its ``part``, e.g. its ``state``)."""
+    def get(self):
+        owner = self._trainer if part is None else getattr(self._trainer, part)
+        return getattr(owner, name)
+    return property(get)
 
 
 class Run:
@@ -34,41 +40,22 @@ class Run:
     def __init__(self, trainer: Trainer):
         self._trainer = trainer  # the engine's, for the engine's own tests only
 
-    @property
-    def epoch(self) -> int:
-        return self._trainer.state.epoch
-
-    @property
-    def batch(self) -> int:
-        return self._trainer.state.batch
-
-    @property
-    def step(self) -> int:
-        return self._trainer.state.step
-
-    @property
-    def epochs(self) -> int:
-        return self._trainer.cfg.epochs
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._trainer.steps_per_epoch
-
-    @property
-    def lr(self) -> float:
-        return self._trainer.lr
+    epoch = _read("state", "epoch")
+    batch = _read("state", "batch")
+    step = _read("state", "step")
+    best_top1 = _read("state", "best_top1")
+    best_epoch = _read("state", "best_epoch")
+    model = _read("state", "model")
+    steps_per_epoch = _read(None, "steps_per_epoch")
+    lr = _read(None, "lr")
+    rundir = _read(None, "rundir")
+    is_main = _read(None, "is_main")
+    resumed = _read(None, "resumed")
+    epochs = _read("cfg", "epochs")
 
     @property
     def history(self) -> list[dict]:
         return copy.deepcopy(self._trainer.state.history)
-
-    @property
-    def best_top1(self) -> float:
-        return self._trainer.state.best_top1
-
-    @property
-    def best_epoch(self) -> int:
-        return self._trainer.state.best_epoch
 
     @property
     def epoch_images_per_s(self) -> float:
@@ -80,24 +67,8 @@ class Run:
         return types.MappingProxyType(self._trainer.summary)
 
     @property
-    def rundir(self) -> RunDir:
-        return self._trainer.rundir
-
-    @property
     def export_meta(self) -> dict:
         return copy.deepcopy(self._trainer.export_meta)
-
-    @property
-    def model(self) -> DistillModel:
-        return self._trainer.state.model
-
-    @property
-    def is_main(self) -> bool:
-        return self._trainer.is_main
-
-    @property
-    def resumed(self) -> bool:
-        return self._trainer.resumed
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Validation top-1 (%) per head and ``eval`` of ``model`` (default: the trained one; e.g. an EMA copy)."""
