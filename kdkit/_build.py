@@ -15,7 +15,7 @@ import torch
 from kdkit._config import cache_root
 from kdkit._distributed import Processes
 from kdkit._experiment import Experiment, resolve
-from kdkit._parts import Parts, build_parts, build_splits, build_teachers, default_device
+from kdkit._parts import Parts, build_parts, build_splits, build_teachers
 from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe, load_recipe
 from kdkit._rundir import RunDir
@@ -55,7 +55,7 @@ def build(recipe_path, overrides=(), *, train_teachers: bool = False, allow_rand
     that makes it, unless ``train_teachers`` (then they are trained or built, as ``kdkit run`` would)."""
     plugins = default_plugins()
     exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else Processes().device()  # one process
     parts = build_all_parts(exp, plugins, device, train_teachers=train_teachers, build_caches=train_teachers)
     return Built(exp, parts, build_step(exp, parts, device))
 

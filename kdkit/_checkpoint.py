@@ -40,15 +40,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a plain state dict strictly, with a clear message on mismatch."""
+def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model", convert=None) -> None:
+    """Load a plain state dict strictly, with a clear message naming ``what`` on mismatch. ``convert``
+    maps a foreign layout onto the model's names first (None when it does not recognise it)."""
     state = read_state_dict(path)
+    state = (convert(state) if convert else None) or state
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that do not match
-        raise KdkitError(f"{path}: weights do not fit the model: {exc}") from None
+        raise KdkitError(f"{path}: the weights do not fit {what}: {exc}") from None
     if missing or unexpected:
-        raise KdkitError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}"
+        raise KdkitError(f"{path}: the weights do not fit {what}: missing {sorted(missing)[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")
 

@@ -18,10 +18,11 @@ from rich.table import Table
 
 from kdkit import _export as export
 from kdkit._build import build_all_parts
+from kdkit._distributed import Processes
 from kdkit._errors import KdkitError
 from kdkit._experiment import Experiment, resolve
 from kdkit._model import DistillModel, prediction_names, predictions
-from kdkit._parts import Parts, default_device
+from kdkit._parts import Parts
 from kdkit._plugins import default_plugins
 from kdkit._precision import autocast
 from kdkit._recipe import load_recipe
@@ -68,7 +69,7 @@ def rebuild(run_dir: str | Path, *, allow_random_teachers: bool = False, device=
     if random and not allow_random_teachers:
         raise KdkitError(f"{run_dir}: the run used random teachers (no weights for {', '.join(map(repr, random))}); "
                          "--allow-random-teachers rebuilds the same random teachers from the run's seed")
-    device = device or default_device()
+    device = device or Processes().device()  # one process
     parts = build_all_parts(exp, plugins, device, train_teachers=False, caches=False)  # live teachers, never a cache
     model = export.load(rundir.export, plugins).to(device)
     if model.meta["class_names"] != list(parts.splits.class_names):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kdkit import _export as export
-from kdkit._checkpoint import load_weights, read_state_dict
+from kdkit._checkpoint import load_weights
 from kdkit._config import default_data_root
 from kdkit._distributed import Processes
 from kdkit._data import DatasetSplits, Loaders, build_loaders, indices_of, split_datasets
@@ -122,15 +122,8 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
 
 def load_student(model: DistillModel, path: str, plugins: Plugins) -> None:
     """Start the student and its heads from a checkpoint: kdkit's own names, or a layout a plugin converts."""
-    state = read_state_dict(path)
-    converted = plugins.manager.hook.kdkit_convert_checkpoint(state_dict=state)
-    try:
-        missing, unexpected = model.load_state_dict(converted or state, strict=False)
-    except RuntimeError as exc:
-        raise KdkitError(f"{path}: the weights do not fit the student and its heads: {exc}") from None
-    if missing or unexpected:
-        raise KdkitError(f"{path}: the weights do not fit the student and its heads: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    load_weights(model, path, what="the student and its heads",
+                 convert=lambda state: plugins.manager.hook.kdkit_convert_checkpoint(state_dict=state))
 
 
 @torch.no_grad()
@@ -247,7 +240,3 @@ def build_model(kind: str, plugins: Plugins | None = None, **table) -> nn.Module
     if checkpoint:
         load_weights(model, checkpoint)
     return model
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

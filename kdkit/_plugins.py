@@ -49,23 +49,27 @@ class Plugins:
         self.origins: dict[tuple[str, str], Origin] = {}
 
     def add(self, module: types.ModuleType, origin: Origin) -> None:
-        """Register one plugin module and record the names each of its hooks adds."""
+        """Register one plugin module: the names its registration hooks add (each into a registry of its
+        own first, so that a name another distribution has is refused naming both) and its factories
+        marked with ``api.register``."""
         self.manager.register(module, name=f"{origin.distribution}:{origin.entry_point}")
         others = [p for p in self.manager.get_plugins() if p is not module]
         for kind, registry in self.registries.items():
             call = self.manager.subset_hook_caller(hookspecs.hook_name(kind), remove_plugins=others)
-            before = dict(registry.module_dict)
+            own = Registry(kind)
             try:
-                call(registry=registry)
-            except KeyError as exc:  # mmengine refuses a name that is already registered
-                name = next((n for n in before if f"{n} is already registered" in str(exc)), None)
-                raise PluginError(
-                    f"{kind} plugin {name!r} is registered twice: by {self.origins.get((kind, name))} "
-                    f"and by {origin}"
-                ) from None
-            for name in registry.module_dict.keys() - before.keys():
+                call(registry=own)
+                for factory in marked_factories(module, kind):
+                    own.register_module(name=factory.kdkit_name, module=factory)
+            except KeyError as exc:  # mmengine refuses a name registered twice
+                raise PluginError(f"{origin} registers a {kind} name twice: {exc}") from None
+            for name, factory in own.module_dict.items():
                 if "." in name:
                     raise PluginError(f"{kind} plugin name {name!r} from {origin} contains a dot")
+                if name in registry.module_dict:
+                    raise PluginError(f"{kind} plugin {name!r} is registered twice: by "
+                                      f"{self.origins[(kind, name)]} and by {origin}")
+                registry.register_module(name=name, module=factory)
                 self.origins[(kind, name)] = origin
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
@@ -156,6 +160,26 @@ class Plugins:
                     "doc": (inspect.getdoc(factory) or "").split("\n")[0],
                 })
         return rows
+
+
+def register(kind: str, name: str):
+    """A decorator registering a factory under ``name`` as a ``kind`` plugin (``student``, ``teacher``,
+    ``head``, ``loss``, ``dataset``, ``callback``) when its module is loaded through the ``kdkit``
+    entry points: the short form of a ``kdkit_register_<kind>s`` hook."""
+    if kind not in hookspecs.KINDS:
+        raise KdkitError(f"api.register: no plugin kind {kind!r}{did_you_mean(kind, hookspecs.KINDS)}; "
+                         f"the kinds: {', '.join(hookspecs.KINDS)}")
+
+    def mark(factory):
+        factory.kdkit_kind, factory.kdkit_name = kind, name
+        return factory
+    return mark
+
+
+def marked_factories(module: types.ModuleType, kind: str) -> list:
+    """The module's own factories that ``register`` marked as ``kind`` plugins."""
+    return [value for value in vars(module).values()
+            if getattr(value, "kdkit_kind", None) == kind and getattr(value, "__module__", None) == module.__name__]
 
 
 @functools.cache

@@ -5,6 +5,7 @@ every other core module is private (its name starts with an underscore) and may 
 
 - hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
   hooks of ``kdkit._hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
+  ``register(kind, name)`` is the short form of a registration hook: a decorator on the factory.
 - recipe keys: ``Range`` bounds a factory's number, ``Annotated[float, Range(gt=0)]``, checked with the
   recipe (every float must also be finite); ``MAX_IMAGE_SIZE`` and ``MAX_CLASSES`` are the documented
   largest image side and class count.
@@ -32,6 +33,7 @@ from kdkit._flops import traced_shape
 from kdkit._hookspecs import hookimpl
 from kdkit._images import read_image
 from kdkit._model import PooledStudent
+from kdkit._plugins import register
 from kdkit._run_view import Run
 from kdkit._rundir import RunDir
 from kdkit._schema import Range
@@ -40,8 +42,8 @@ from kdkit._teacher import teacher_log_probs
 __all__ = [
     "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",
     "Run", "RunDir", "RunFailed", "UnreadableImage", "build_transforms", "cache_root", "default_data_root",
-    "did_you_mean", "fingerprint", "hookimpl", "keep_first_error", "read_image", "save_checkpoint", "save_export",
-    "teacher_log_probs", "traced_shape",
+    "did_you_mean", "fingerprint", "hookimpl", "keep_first_error", "read_image", "register", "save_checkpoint",
+    "save_export", "teacher_log_probs", "traced_shape",
 ]
 
 

@@ -146,7 +146,7 @@ def test_checkpoint_that_does_not_fit(write_recipe, cli, tmp_path, existing_run)
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
     args = ["run", write_recipe(TWO_TEACHER_RECIPE), "--allow-random-teachers", "-o", f"teachers.conv.checkpoint={bad}"]
-    assert_nothing_written(cli, args, f"{bad}: weights do not fit the model", tmp_path / "out", existing_run)
+    assert_nothing_written(cli, args, f"{bad}: the weights do not fit the model", tmp_path / "out", existing_run)
 
 
 @pytest.mark.parametrize("content, message", [

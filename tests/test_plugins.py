@@ -51,6 +51,47 @@ def test_same_name_from_two_distributions_is_an_error_naming_both(tmp_path, monk
     assert "distribution 'kdkit'" in message and "distribution 'kdkit-rival'" in message
 
 
+DECORATED = '''
+from kdkit import api
+
+
+@api.register("loss", "scaled_ce")
+def scaled_ce(scale: float = 2.0):
+    """Cross-entropy times scale."""
+'''
+
+
+def test_the_register_decorator_is_a_registration_hook_in_short(tmp_path, monkeypatch):
+    reexport = "from decorated_plugin import scaled_ce  # another module's factory: registered by its own"
+    make_distribution(tmp_path, "kdkit-decorated", {"decorated_plugin": DECORATED, "reexport_plugin": reexport},
+                      {"decorated": "decorated_plugin", "reexport": "reexport_plugin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins()
+    plugins.load_entry_points()
+    assert plugins.get("loss", "scaled_ce").__doc__ == "Cross-entropy times scale."
+    assert plugins.origins[("loss", "scaled_ce")].entry_point == "decorated"
+    row = next(r for r in plugins.describe() if r["name"] == "scaled_ce")
+    assert [k["key"] for k in row["keys"]] == ["scale"] and row["distribution"] == "kdkit-decorated"
+
+
+DECORATOR_MISTAKES = {  # what the DECORATED module gets wrong, and what loading it gives
+    "a name another distribution has": (('"scaled_ce")', '"kl")'), lambda: pytest.raises(
+        PluginError, match=r"loss plugin 'kl' is registered twice: by .*'kdkit'.* and by .*'kdkit-mistaken'")),
+    "a kind that is none": (('"loss"', '"losses"'), lambda: pytest.warns(
+        PluginWarning, match=r"no plugin kind 'losses' \(did you mean: loss\?\)")),
+}
+
+
+@pytest.mark.parametrize("mistake", DECORATOR_MISTAKES)
+def test_a_decorated_factory_with_a_taken_name_or_no_kind(mistake, tmp_path, monkeypatch):
+    (old, new), expected = DECORATOR_MISTAKES[mistake]
+    module = f"mistaken_plugin_{list(DECORATOR_MISTAKES).index(mistake)}"  # a module name no other test imported
+    make_distribution(tmp_path, "kdkit-mistaken", {module: DECORATED.replace(old, new)}, {"mistaken": module})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with expected():
+        Plugins().load_entry_points()
+
+
 def test_dotted_plugin_names_are_refused(tmp_path, monkeypatch):
     source = """
         from kdkit import api
