@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import signal
 import time
@@ -449,6 +450,18 @@ def test_a_second_signal_exits_at_once_with_its_status(monkeypatch):
     assert stop.signum == signal.SIGTERM and not exits  # the first one only asks
     stop.handle(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
+
+
+def test_a_second_signal_to_a_run_kills_its_loader_workers_first(monkeypatch):
+    monkeypatch.setattr(os, "_exit", lambda status: None)
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    stop = StopOnSignal(kill_children=True)
+    stop.handle(signal.SIGTERM, None)
+    assert worker.is_alive()  # the first signal only asks
+    stop.handle(signal.SIGTERM, None)
+    worker.join(timeout=10)
+    assert worker.exitcode == -signal.SIGKILL
 
 
 def test_the_logged_values_are_averaged_over_the_processes(write_recipe):
