@@ -18,4 +18,4 @@ def trainer_from_recipe(text: str, folder: Path, name: str, device: torch.device
     path = folder / f"{name}.toml"
     path.write_text(textwrap.dedent(text))
     built = kdkit.build(path, train_teachers=True, allow_random_teachers=True, device=device)
-    return Trainer(built, rundir=RunDir(folder / name), hook=default_plugins().manager.hook, summary={})
+    return Trainer(built, rundir=RunDir(folder / name), hook=default_plugins().manager.hook)

@@ -19,6 +19,7 @@ from kdkit._checkpoint import reason
 from kdkit._errors import KdkitError, did_you_mean
 from kdkit._recipe import Recipe, load_recipe
 from kdkit._rundir import RunDir, default_run_dir
+from kdkit._summary import Summary, is_number
 
 MARK = "†"  # a run that its recipe, as it is now, or this kdkit would not reproduce
 
@@ -77,27 +78,9 @@ class Run:
     """One completed run directory: its summary, its student's settings, and why it may be stale."""
 
     path: Path
-    summary: dict
+    summary: Summary
     student: dict
     flags: list[str]
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _scores(value) -> bool:
-    """Top-1 per head or teacher."""
-    return isinstance(value, dict) and all(_is_number(v) for v in value.values())
-
-
-# What compare reads from a summary, and the type each value must have (a summary key may be missing).
-SUMMARY_TYPES = {"name": lambda v: isinstance(v, str), "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                 "status": lambda v: isinstance(v, str), "top1": _scores,
-                 **{key: lambda v: v is None or _scores(v) for key in ("test_top1", "teacher_top1")},
-                 **{key: lambda v: v is None or _is_number(v) for key in ("best_test_top1", "params", "flops",
-                                                                      "train_images_per_s", "infer_images_per_s",
-                                                                      "wall_s")}}
 
 
 def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
@@ -111,26 +94,19 @@ def load_run(path: str | Path, expected_hash: str | None = None) -> Run:
         raise KdkitError(f"{path}: no such run directory")
     if not rundir.summary.is_file() or not rundir.recipe.is_file():
         raise KdkitError(f"{path}: not a run directory (it needs summary.json and recipe.toml)")
-    summary = rundir.read_summary()
-    wrong = [f"{key} = {json.dumps(summary[key])[:40]}" for key, ok in SUMMARY_TYPES.items()
-             if key in summary and not ok(summary[key])]
-    if wrong:
-        raise KdkitError(f"{rundir.summary}: not a kdkit summary (wrong type: {'; '.join(wrong)}); "
-                         "run it again (kdkit run --force) or leave it out")
-    missing = [key for key in ("name", "seed", "status", "top1") if key not in summary]
-    if not missing and summary["status"] != "completed":  # before its first epoch a run has no top1.eval yet
-        raise KdkitError(f"{path}: the run is {summary['status']}, not completed: "
+    summary = Summary.from_json(rundir.read_summary(), rundir.summary)
+    if summary.status != "completed":  # before its first epoch a run has no top1.eval yet
+        raise KdkitError(f"{path}: the run is {summary.status}, not completed: "
                          "run it again (kdkit run --resume, or --force) or leave it out")
-    missing += [] if "eval" in summary.get("top1", {}) else ["top1.eval"]
-    if missing:
-        raise KdkitError(f"{rundir.summary}: not a kdkit summary (no {', '.join(missing)})")
+    if "eval" not in summary.top1:
+        raise KdkitError(f"{rundir.summary}: not a kdkit summary (no top1.eval)")
     recipe = load_recipe(rundir.recipe)
     expected = expected_hash or recipe.hash()
-    flags = []
-    if summary.get("recipe_hash") != expected:
-        flags.append(f"recipe hash {summary.get('recipe_hash')}, but the recipe now gives {expected}")
-    if summary.get("kdkit_version") != kdkit.__version__:
-        flags.append(f"made by kdkit {summary.get('kdkit_version')}, this is kdkit {kdkit.__version__}")
+    flags = list(summary.notes)
+    if summary.recipe_hash != expected:
+        flags.append(f"recipe hash {summary.recipe_hash}, but the recipe now gives {expected}")
+    if summary.kdkit_version != kdkit.__version__:
+        flags.append(f"made by kdkit {summary.kdkit_version}, this is kdkit {kdkit.__version__}")
     return Run(rundir.path, summary, student_settings(recipe.table.get("student", {})), flags)
 
 
@@ -258,14 +234,6 @@ def stat(values) -> Stat:
     return Stat(mean, statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
-def test_top1(summary: dict) -> dict[str, float]:
-    """The final student's top-1 on the test split, per head, ``eval`` and ``heads_mean``.
-
-    Runs made before ``test_top1`` existed evaluated on the test split every epoch: their ``top1``.
-    """
-    return summary.get("test_top1") or summary["top1"]
-
-
 @dataclass
 class Row:
     """One recipe over its seeds: the final students' test top-1 and what they cost."""
@@ -291,24 +259,24 @@ def summarize(runs: list[Run]) -> list[Row]:
     """Group runs by recipe name (first-seen order) into rows."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.summary["name"], []).append(run)
+        groups.setdefault(run.summary.name, []).append(run)
     return [_row(name, group) for name, group in groups.items()]
 
 
 def _row(name: str, runs: list[Run]) -> Row:
     by_seed: dict[int, Run] = {}
     for run in runs:
-        seed = run.summary["seed"]
+        seed = run.summary.seed
         if seed in by_seed:
             raise KdkitError(f"two runs of {name!r} with seed {seed}: {by_seed[seed].path} and {run.path}; "
                              "leave one out, or give one another name (kdkit run -o name=...)")
         by_seed[seed] = run
     seeds = sorted(by_seed)
     summaries = [by_seed[s].summary for s in seeds]
-    tests = [test_top1(s) for s in summaries]
+    tests = [s.test_top1 for s in summaries]
 
     def over(key):
-        return stat(s.get(key) for s in summaries)
+        return stat(getattr(s, key) for s in summaries)
 
     def per_name(tables):
         names = dict.fromkeys(n for t in tables for n in t)
@@ -320,7 +288,7 @@ def _row(name: str, runs: list[Run]) -> Row:
     return Row(name, student=by_seed[seeds[0]].student, seeds=seeds,
                test_by_seed={seed: t["eval"] for seed, t in zip(seeds, tests)}, test=test, heads_mean=heads_mean,
                best_val=over("best_test_top1"), heads=heads,
-               teachers=per_name([s.get("teacher_top1") or {} for s in summaries]), params=over("params"),
+               teachers=per_name([s.teacher_top1 for s in summaries]), params=over("params"),
                flops=over("flops"), train_images_per_s=over("train_images_per_s"),
                infer_images_per_s=over("infer_images_per_s"), wall_s=over("wall_s"), flags=flags)
 
@@ -535,7 +503,7 @@ def validation_curves(runs: list[Run]) -> dict[str, dict[int, list[float]]]:
     """Per recipe, every epoch's validation top-1 (the eval prediction) of each of its seeds' runs."""
     out: dict[str, dict[int, list[float]]] = {}
     for run in runs:
-        epochs = out.setdefault(run.summary["name"], {})
+        epochs = out.setdefault(run.summary.name, {})
         for epoch, top1 in _epoch_top1(RunDir(run.path).metrics):
             epochs.setdefault(epoch, []).append(top1)
     return out
@@ -549,7 +517,7 @@ def _epoch_top1(path: Path) -> list[tuple[int, float]]:
     except (OSError, ValueError, LookupError, TypeError) as exc:  # unreadable, not JSON, keys missing
         problem = f"no {exc}" if isinstance(exc, LookupError) else reason(exc)
         raise KdkitError(f"{path}: cannot read the run's per-epoch metrics ({problem}); --curves needs them") from None
-    if not all(isinstance(epoch, int) and _is_number(top1) for epoch, top1 in points):
+    if not all(isinstance(epoch, int) and is_number(top1) for epoch, top1 in points):
         raise KdkitError(f"{path}: not kdkit metrics (an epoch or top1.eval of the wrong type); --curves needs them")
     return points
 

@@ -31,6 +31,7 @@ from kdkit._precision import autocast
 from kdkit._run_view import Run
 from kdkit._rundir import RunDir
 from kdkit._signals import StopOnSignal
+from kdkit._summary import Summary
 from kdkit._step import NonFiniteLoss
 from kdkit._top1 import top1
 
@@ -94,10 +95,11 @@ class Trainer:
     ``distill_step`` makes each optimizer update.
     """
 
-    def __init__(self, built: Built, *, rundir: RunDir, hook, summary: dict):
+    def __init__(self, built: Built, *, rundir: RunDir, hook, summary: Summary | None = None):
         self.exp, self.parts, self.distill_step = built.experiment, built.parts, built.step
         self.cfg, self.device = self.exp.train, self.distill_step.device
-        self.rundir, self.hook, self.summary = rundir, hook, summary
+        self.rundir, self.hook = rundir, hook
+        self.summary = summary or Summary(name=self.exp.name, seed=self.exp.seed)
         self.is_main = self.processes.is_main
         self.export_meta = self.parts.export_meta
         self.steps_per_epoch = len(self.parts.loaders.train)
@@ -127,7 +129,7 @@ class Trainer:
             if clash:
                 raise KdkitError(f"two plugins keep checkpoint state under {sorted(clash)}")
             extra.update(part)
-        return {**self.state.state_dict(), "summary": self.summary, "plugins": extra}
+        return {**self.state.state_dict(), "summary": self.summary.to_json(), "plugins": extra}
 
     def resume(self, checkpoint: dict) -> None:
         """Continue from ``checkpoint`` (made by ``checkpoint()``), in the middle of an epoch or at its end."""
@@ -141,10 +143,10 @@ class Trainer:
     def fit(self) -> None:
         """Train the remaining epochs, calling the lifecycle hooks; raises ``RunInterrupted`` on a signal."""
         status = "failed"
-        self.clock = (time.perf_counter(), self.summary.get("wall_s") or 0.0)
+        self.clock = (time.perf_counter(), self.summary.wall_s or 0.0)
         with self.stop:  # also while the run-end hooks write the checkpoint: a second signal exits at once
             try:
-                self.summary["status"] = "running"
+                self.summary.status = "running"
                 self.hook.kdkit_run_start(trainer=self.view)
                 for epoch in range(self.state.epoch, self.cfg.epochs):
                     if self.state.batch == 0 and self.in_any_process(self.stop_reason is not None):
@@ -156,8 +158,8 @@ class Trainer:
                     if self.stopping():
                         raise _Stop
                 if not self.state.history:  # train.epochs = 0: the student as it came, evaluated
-                    self.summary["top1"] = self.evaluate()
-                self.summary.update(self.evaluate_test(), infer_images_per_s=self.inference_speed())
+                    self.summary.top1 = self.evaluate()
+                self.summary.update(**self.evaluate_test(), infer_images_per_s=self.inference_speed())
                 status = "completed"
             except UnreadableImage as exc:
                 raise RunFailed(f"{exc} ({self.where()}); the run stops, its last checkpoint is kept") from None
@@ -292,7 +294,7 @@ class Trainer:
         ``eval``) and, when a held-out validation split chose the best epoch, that epoch's student's
         (``best_test_top1``). Without a held-out split the validation set is the test split."""
         if self.parts.loaders.test is None:
-            return {"test_top1": self.summary["top1"], "best_test_top1": None}
+            return {"test_top1": self.summary.top1, "best_test_top1": None}
         best = None
         if self.state.best_model is not None:
             best = copy.deepcopy(self.state.model)

@@ -27,6 +27,7 @@ from kdkit._plugins import Plugins, default_plugins
 from kdkit._recipe import Recipe, diff_tables, load_recipe
 from kdkit._rundir import RunDir, default_run_dir, provenance
 from kdkit._step import build_step
+from kdkit._summary import Summary
 from kdkit._teacher_cache import summary_of
 
 
@@ -66,13 +67,14 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     parts = build_all_parts(exp, plugins, device, train_teachers=train_teachers, progress=progress, console=console,
                             processes=processes)
     fixed = facts(exp, parts, recipe, plugins, processes)
-    summary = {**STARTING, **fixed} if checkpoint is None else {**checkpoint["summary"], **fixed}
+    summary = Summary(**fixed) if checkpoint is None else Summary.from_json({**checkpoint["summary"], **fixed},
+                                                                            rundir.last)
     built = Built(exp, parts, build_step(exp, parts, device, processes))
     trainer = Trainer(built, rundir=rundir, hook=plugins.manager.hook, summary=summary)
     start = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint is not None else (0, 0)
     processes.on_main(lambda: trainer.check_first_batches(*start))  # the data, before anything is written
     if checkpoint is None:
-        summary["teacher_top1"] = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
+        summary.teacher_top1 = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
         processes.on_main(lambda: rundir.create(recipe.to_toml(), force))
     else:
         check_teachers_unchanged(rundir, checkpoint, fixed["teacher_hashes"], allow_changes)
@@ -129,12 +131,6 @@ def check_teachers_unchanged(rundir: RunDir, checkpoint: dict, hashes: dict[str,
     if changed and not allow_changes:
         raise KdkitError(f"{rundir.path}: the weights of teacher(s) {', '.join(changed)} differ from the ones the "
                          "run was trained with; --allow-changes resumes anyway")
-
-
-# The summary's values before the first epoch; training and the engine update them.
-STARTING = {"status": "running", "epochs": 0, "top1": {}, "best_top1": None, "best_epoch": None, "test_top1": {},
-            "best_test_top1": None, "teacher_top1": {}, "train_images_per_s": None, "infer_images_per_s": None,
-            "wall_s": 0.0, "stopped_early": False, "stop_reason": None}
 
 
 def student_flops(exp: Experiment, parts: Parts, plugins: Plugins) -> FlopCount:

@@ -10,11 +10,12 @@ argument keeps its name, ``trainer`` (pluggy matches implementations by argument
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
+
+from kdkit._summary import Summary
 
 if TYPE_CHECKING:
     from kdkit._engine import Trainer
@@ -33,7 +34,7 @@ class Run:
     in the unfinished epoch), ``step`` (optimizer updates so far), ``epochs`` (``train.epochs``),
     ``steps_per_epoch``; ``lr``; ``history`` (one metrics row per completed epoch, a copy);
     ``best_top1`` and ``best_epoch``; ``epoch_images_per_s`` (the unfinished epoch's speed so far);
-    ``summary`` (read-only); ``rundir``; ``export_meta`` (a copy); ``model`` (the trained student with
+    ``summary`` (an ``api.Summary``, a copy); ``rundir``; ``export_meta`` (a copy); ``model`` (the trained student with
     its heads: read it, never change it); ``is_main`` (rank 0: the process that writes and prints);
     ``resumed``. Methods: ``evaluate(model)``, ``checkpoint()``, ``request_stop(reason)``."""
 
@@ -63,8 +64,8 @@ class Run:
         return state.seen / state.train_s if state.train_s else 0.0
 
     @property
-    def summary(self) -> types.MappingProxyType:
-        return types.MappingProxyType(self._trainer.summary)
+    def summary(self) -> Summary:
+        return copy.deepcopy(self._trainer.summary)
 
     @property
     def export_meta(self) -> dict:

@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 
 import timm
@@ -21,6 +20,7 @@ import kdkit
 from kdkit import _lock
 from kdkit._checkpoint import atomic_write, leftover_temporaries, reason
 from kdkit._errors import KdkitError
+from kdkit._summary import Summary
 
 MARKER = ".kdkit-run"  # "kdkit made this directory": what --force asks before emptying one
 
@@ -135,8 +135,8 @@ class RunDir:
         """Replace ``metrics.jsonl`` with ``rows``, the run's history: every epoch exactly once, never a torn line."""
         atomic_write(self.metrics, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
-    def write_summary(self, summary: Mapping) -> None:
-        atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(dict(summary), indent=2) + "\n"))
+    def write_summary(self, summary: Summary) -> None:
+        atomic_write(self.summary, lambda tmp: tmp.write_text(json.dumps(summary.to_json(), indent=2) + "\n"))
 
     def remove_temporaries(self) -> None:
         """Remove what a killed process left of its atomic writes (``.<name>.<pid>.tmp``, often empty)."""

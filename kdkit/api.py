@@ -18,8 +18,8 @@ every other core module is private (its name starts with an underscore) and may 
 - models and losses: ``PooledStudent`` (a CNN's pooled features as the student embedding
   ``pool``), ``teacher_log_probs`` (several teachers combined, as ``kl`` does it), ``traced_shape``
   (for ``kdkit_flop_rules``: the shape of an operator's traced input or output).
-- runs, for callbacks: ``Run`` (what lifecycle hooks receive: the run, read-only), ``RunDir`` (the run
-  directory's paths and atomic writers), ``save_checkpoint`` and ``save_export``. ``Trainer``, what
+- runs, for callbacks: ``Run`` (what lifecycle hooks receive: the run, read-only), ``Summary`` (its
+  ``summary.json``), ``RunDir`` (the run directory's paths and atomic writers), ``save_checkpoint`` and ``save_export``. ``Trainer``, what
   0.1's hooks were annotated with, is a deprecated alias of ``Run``.
 """
 import warnings
@@ -37,13 +37,14 @@ from kdkit._plugins import register
 from kdkit._run_view import Run
 from kdkit._rundir import RunDir
 from kdkit._schema import Range
+from kdkit._summary import Summary
 from kdkit._teacher import teacher_log_probs
 
 __all__ = [
     "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",
     "Run", "RunDir", "RunFailed", "UnreadableImage", "build_transforms", "cache_root", "default_data_root",
     "did_you_mean", "fingerprint", "hookimpl", "keep_first_error", "read_image", "register", "save_checkpoint",
-    "save_export", "teacher_log_probs", "traced_shape",
+    "save_export", "Summary", "teacher_log_probs", "traced_shape",
 ]
 
 

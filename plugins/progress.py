@@ -23,7 +23,7 @@ class ProgressDisplay:
 
     @api.hookimpl
     def kdkit_run_start(self, trainer: api.Run) -> None:
-        for name, value in trainer.summary["teacher_top1"].items():
+        for name, value in trainer.summary.teacher_top1.items():
             self.console.print(f"teacher {name!r}: validation top-1 {value:.2f}%", soft_wrap=True)
         if trainer.resumed:
             self.console.print(f"resuming {trainer.rundir.path} at epoch {trainer.epoch + 1}, step {trainer.batch}",
@@ -55,28 +55,27 @@ class ProgressDisplay:
         self.console.print(summary_table(trainer.summary, trainer.rundir.path))
 
 
-def summary_table(s: dict, path) -> Table:
-    table = Table(title=f"{s['name']} (seed {s['seed']}): {s['status']}", show_header=False)
+def summary_table(s: api.Summary, path) -> Table:
+    table = Table(title=f"{s.name} (seed {s.seed}): {s.status}", show_header=False)
     table.add_row("run directory", str(path))
-    table.add_row("epochs", str(s["epochs"]))
-    validation = s["best_selected_on"] == "validation"
-    for head, value in s["top1"].items():
+    table.add_row("epochs", str(s.epochs) + (f" (stopped early: {s.stop_reason})" if s.stopped_early else ""))
+    validation = s.best_selected_on == "validation"
+    for head, value in s.top1.items():
         table.add_row(f"{'validation' if validation else 'test'} top-1 {head}", f"{value:.2f}%")
-    if s["best_top1"] is not None:
-        table.add_row("best epoch", f"{s['best_epoch']}: {s['best_top1']:.2f}% (selected on the "
-                      f"{s['best_selected_on']} split)")
-    if validation and s["best_test_top1"] is not None:
-        for head, value in s["test_top1"].items():
+    if s.best_top1 is not None:
+        table.add_row("best epoch", f"{s.best_epoch}: {s.best_top1:.2f}% (selected on the {s.best_selected_on} split)")
+    if validation and s.best_test_top1 is not None:
+        for head, value in s.test_top1.items():
             table.add_row(f"test top-1 {head}", f"{value:.2f}%")
-        table.add_row("test top-1, best epoch", f"{s['best_test_top1']:.2f}%")
-    for name, value in s["teacher_top1"].items():
+        table.add_row("test top-1, best epoch", f"{s.best_test_top1:.2f}%")
+    for name, value in s.teacher_top1.items():
         table.add_row(f"teacher {name}", f"{value:.2f}%")
-    table.add_row("parameters", f"{s['params']:,}")
-    table.add_row("FLOPs / image", f"{s['flops']:,}" if s["flops"] else "n/a")
-    for key, label in (("train_images_per_s", "train img/s"), ("infer_images_per_s", "infer img/s")):
-        if s[key] is not None:
-            table.add_row(label, f"{s[key]:.0f}")
-    table.add_row("wall time", f"{s['wall_s']:.1f} s")
+    table.add_row("parameters", f"{s.params:,}")
+    table.add_row("FLOPs / image", f"{s.flops:,}" if s.flops else "n/a")
+    for value, label in ((s.train_images_per_s, "train img/s"), (s.infer_images_per_s, "infer img/s")):
+        if value is not None:
+            table.add_row(label, f"{value:.0f}")
+    table.add_row("wall time", f"{s.wall_s:.1f} s")
     return table
 
 

@@ -7,6 +7,8 @@ appears exactly once). ``summary.json`` is rewritten at every event, last of all
 """
 from __future__ import annotations
 
+import dataclasses
+
 from kdkit import api
 
 
@@ -35,7 +37,7 @@ class RunFiles:
             yield
         except Exception as exc:
             with api.keep_first_error(exc):
-                trainer.rundir.write_summary({**trainer.summary, "status": "failed"})
+                trainer.rundir.write_summary(dataclasses.replace(trainer.summary, status="failed"))
             raise
         trainer.rundir.write_summary(trainer.summary)
 

@@ -138,7 +138,7 @@ def make_trainer(recipe_path, overrides=(), *, train_teachers: bool = True, devi
     built = kdkit.build(recipe_path, overrides, train_teachers=train_teachers, allow_random_teachers=True,
                         device=device)
     return Trainer(built, rundir=RunDir(recipe_path.parent / "unused"),
-                   hook=(plugins or default_plugins()).manager.hook, summary={})
+                   hook=(plugins or default_plugins()).manager.hook)
 
 
 def plugins_with(*objects) -> Plugins:

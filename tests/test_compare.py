@@ -18,6 +18,7 @@ from kdkit._cli import COMPARE_WIDTH, _table, app
 from kdkit._compare import (MARK, Run, load_run, paired_differences, results_table, seeded_recipe, summarize,
                             tables, to_markdown, validation_curves)
 from kdkit._recipe import load_recipe
+from kdkit._summary import Summary
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -205,7 +206,8 @@ def fabricated(name: str, seed: int, test: float, tokens=("cls",), teachers=("co
          "test_top1": {"cls": test - 1, "eval": test, "heads_mean": test + 0.5}, "best_test_top1": best,
          "teacher_top1": {t: 50.0 + i for i, t in enumerate(teachers)}, "params": 1000, "flops": None,
          "train_images_per_s": 10.0, "infer_images_per_s": 100.0, "wall_s": 5.0}
-    return Run(Path(f"runs/{name}/seed{seed}"), s, {"plugin": "vit", "depth": 4, "tokens": list(tokens)}, [])
+    return Run(Path(f"runs/{name}/seed{seed}"), Summary.from_json(s, "fabricated"),
+               {"plugin": "vit", "depth": 4, "tokens": list(tokens)}, [])
 
 
 def test_rows_and_paired_differences_by_hand():
