@@ -243,9 +243,7 @@ def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> 
     from kdkit._export import is_export  # a kdkit export rebuilds its own model
 
     if "recipe" in table:
-        spec = _teacher_from_recipe(recipe, plugins, name, table, precision, data)
-        spec.compile = compile_
-        return spec
+        return _teacher_from_recipe(recipe, plugins, name, table, precision, compile_, data)
     if checkpoint and not Path(checkpoint).exists():
         raise recipe.error(f"{key}.checkpoint", f"no such file or directory: {checkpoint}")
     if checkpoint and is_export(checkpoint):
@@ -281,7 +279,7 @@ def _class_names(recipe, key: str, value) -> list[str] | None:
     return value
 
 
-def _teacher_from_recipe(recipe, plugins, name, table, precision, data: C.DataConfig) -> TeacherSpec:
+def _teacher_from_recipe(recipe, plugins, name, table, precision, compile_: bool, data: C.DataConfig) -> TeacherSpec:
     """A teacher trained by its own recipe (``kdkit run`` trains it first if it is not cached)."""
     from kdkit._recipe import load_recipe
 
@@ -304,7 +302,7 @@ def _teacher_from_recipe(recipe, plugins, name, table, precision, data: C.DataCo
                            f"holds out another split (dataset {taught.dataset!r}, val_split {taught.val_split}): "
                            "the teacher would have seen the validation images. Give it the same data.dataset, "
                            "data.root and data.val_split")
-    return TeacherSpec(name, None, "", False, precision, recipe=teacher_recipe)
+    return TeacherSpec(name, None, "", False, precision, recipe=teacher_recipe, compile=compile_)
 
 
 def _head(recipe, plugins, name, table) -> HeadSpec:

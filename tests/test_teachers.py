@@ -149,3 +149,11 @@ def test_the_weights_hash_is_stable_and_sees_names_dtypes_and_buffers():
     other_buffer[1].running_mean += 1
     hashes = {weights_hash(m) for m in (renamed, small_model().double(), other_buffer)}
     assert len(hashes) == 3 and "a593651b7b08dc0c" not in hashes
+
+
+def test_a_teacher_given_by_a_recipe_keeps_its_precision_and_compile_switch(write_recipe):
+    write_recipe(DATA.split("[student]")[0] + '[student]\nplugin = "timm"\nmodel = "test_resnet"\n'
+                 '[[losses]]\nplugin = "ce"\nhead = "pool"\n[eval]\nheads = ["pool"]\n', "teacher.toml")
+    student = write_recipe(DATA + '[teachers.big]\nrecipe = "teacher.toml"\nprecision = "bf16"\ncompile = true\n')
+    spec = resolve(load_recipe(student)).teachers["big"]
+    assert (spec.recipe.path.name, spec.precision, spec.compile) == ("teacher.toml", "bf16", True)
