@@ -91,9 +91,9 @@ def build_all_parts(exp: Experiment, plugins: Plugins, device: torch.device, *, 
     torch.manual_seed(exp.seed)  # model initialisation; random teachers are built after the student
     parts = build_parts(exp, plugins, device, processes)
     with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
-        ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console,
-                        processes=processes)
-    parts.teachers = build_teachers(exp, plugins, parts, device)
+        runs = ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console,
+                               processes=processes)
+    parts.teachers = build_teachers(exp, plugins, parts, device, runs)
     if exp.teacher_cache and caches:
         parts.teacher_outputs = open_caches(exp, parts, device, build=build_caches, processes=processes,
                                             progress=BuildProgress(console) if console else None,
@@ -117,28 +117,26 @@ def teacher_run_dir(recipe: Recipe, plugins: Plugins) -> Path:
     return cache_root() / "teachers" / f"{recipe.table['name']}-{key}"
 
 
-def untrained_teachers(exp: Experiment, plugins: Plugins, processes: Processes = Processes()) -> dict[str, Path]:
-    """Point every teacher given by a recipe that is trained already at its run; returns the run
-    directories the others would be trained into, by teacher name."""
-    untrained = {}
-    for name, spec in exp.teachers.items():
-        if spec.recipe is not None:
-            out = teacher_run_dir(spec.recipe, plugins)
-            if processes.on_main(RunDir(out).status) == "completed":
-                spec.checkpoint = str(out)
-            else:
-                untrained[name] = out
-    return untrained
+def teacher_runs(exp: Experiment, plugins: Plugins) -> dict[str, Path]:
+    """The run directory of every teacher given by a recipe (trained there already, or to be), by name."""
+    return {name: teacher_run_dir(spec.recipe, plugins) for name, spec in exp.teachers.items() if spec.recipe}
+
+
+def untrained(runs: dict[str, Path], processes: Processes = Processes()) -> dict[str, Path]:
+    """Those of ``runs`` that have not completed."""
+    return {name: out for name, out in runs.items() if processes.on_main(RunDir(out).status) != "completed"}
 
 
 def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, progress: bool = False,
-                    console=None, processes: Processes = Processes()) -> None:
-    """Train (or resume) every teacher given by a recipe that is not cached yet, then point it at its run.
+                    console=None, processes: Processes = Processes()) -> dict[str, Path]:
+    """Train (or resume) every teacher given by a recipe that is not cached yet; returns every such
+    teacher's run directory, by name (what ``build_teachers`` loads them from).
 
     A teacher that another process is training is waited for (its run directory's lock), then reused.
     Under torchrun the same processes train it, data-parallel, as its own run (rank 0 decides what to do).
     """
-    for name, out in untrained_teachers(exp, plugins, processes).items():
+    runs = teacher_runs(exp, plugins)
+    for name, out in untrained(runs, processes).items():
         spec = exp.teachers[name]
         if not train_teachers:
             raise exp.recipe.error(f"teachers.{name}.recipe", f"teacher not trained yet ({out} is missing "
@@ -159,4 +157,4 @@ def ensure_teachers(exp: Experiment, plugins: Plugins, *, train_teachers: bool, 
         finally:
             if processes.is_main:
                 rundir.release()
-        spec.checkpoint = str(out)
+    return runs

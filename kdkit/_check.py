@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from kdkit._build import untrained_teachers
+from kdkit._build import teacher_runs, untrained
 from kdkit._experiment import resolve
 from kdkit._parts import build_checked_teacher, build_parts
 from kdkit._plugins import default_plugins
@@ -46,12 +46,14 @@ def check(recipe_path, overrides=(), *, allow_random_teachers: bool = False) -> 
     device = torch.device("cpu")
     torch.manual_seed(exp.seed)
     parts = build_parts(exp, plugins, device)
-    to_train = untrained_teachers(exp, plugins)
+    runs = teacher_runs(exp, plugins)
+    to_train = untrained(runs)
     params = {"student": parameters(parts.model.student),
               **{f"heads.{name}": parameters(head) for name, head in parts.model.heads.items()}}
     for name in exp.needed_teachers:
         if name not in to_train:
-            params[f"teachers.{name}"] = parameters(build_checked_teacher(exp, name, plugins, parts, device).model)
+            teacher = build_checked_teacher(exp, name, plugins, parts, device, runs.get(name))
+            params[f"teachers.{name}"] = parameters(teacher.model)
     flops = student_flops(exp, parts, plugins)
     return CheckReport(recipe.to_toml(), params, flops.total, flops.unsupported,
                        {name: str(out) for name, out in to_train.items()})

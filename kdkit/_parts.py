@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,15 +157,19 @@ def probe_student(model: DistillModel, plugin: str, image: torch.Tensor, num_cla
         model.train(was_training)
 
 
-def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torch.device) -> dict[str, Teacher]:
-    """The teachers the losses name (every ``recipe`` teacher already trained), each checked on one image."""
-    return {name: build_checked_teacher(exp, name, plugins, parts, device) for name in exp.needed_teachers}
+def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torch.device,
+                   runs: dict[str, Path] | None = None) -> dict[str, Teacher]:
+    """The teachers the losses name, each checked on one image; a teacher given by a recipe is loaded from its
+    trained run in ``runs`` (``kdkit._build.ensure_teachers``)."""
+    return {name: build_checked_teacher(exp, name, plugins, parts, device, (runs or {}).get(name))
+            for name in exp.needed_teachers}
 
 
 @torch.no_grad()
-def build_checked_teacher(exp: Experiment, name: str, plugins: Plugins, parts: Parts, device: torch.device) -> Teacher:
+def build_checked_teacher(exp: Experiment, name: str, plugins: Plugins, parts: Parts, device: torch.device,
+                          run: Path | None = None) -> Teacher:
     """One teacher (``build_teacher``), checked on one validation image: one logit per class of the data."""
-    teacher = build_teacher(exp, name, plugins, parts.splits, device)
+    teacher = build_teacher(exp, name, plugins, parts.splits, device, run)
     image = parts.val_set[0][0].unsqueeze(0).to(device)
     logits = teacher.logits(image, *parts.normalization(device))
     if tuple(logits.shape) != (1, parts.splits.num_classes):
@@ -173,13 +178,16 @@ def build_checked_teacher(exp: Experiment, name: str, plugins: Plugins, parts: P
     return teacher
 
 
-def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetSplits,
-                  device: torch.device) -> Teacher:
-    """One teacher, its outputs mapped onto the data's classes when it names its own (``classes``)."""
+def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetSplits, device: torch.device,
+                  run: Path | None = None) -> Teacher:
+    """One teacher, its outputs mapped onto the data's classes when it names its own (``classes``); ``run``
+    is the trained run of a teacher given by a recipe."""
     spec = exp.teachers[name]
     options = dict(bf16=uses_bf16(spec.precision, device), compile=spec.compile)
-    if spec.spec is None:  # a kdkit export: its own model, normalization and class list
-        trained = export.load(spec.checkpoint, plugins)
+    if spec.spec is None:  # a kdkit export (or a recipe's run): its own model, normalization and class list
+        if spec.recipe is not None and run is None:
+            raise KdkitError(f"teachers.{name}: given by {spec.recipe.path}, which has not trained it yet")
+        trained = export.load(run or spec.checkpoint, plugins)
         meta = trained.meta
         index = class_index(exp, f"teachers.{name}.checkpoint", meta["class_names"], splits.class_names)
         return Teacher(Predictor(trained), mean=meta["mean"], std=meta["std"], input_size=meta["image_size"],
