@@ -14,7 +14,7 @@ from torch import nn
 
 from kdkit._build import teacher_runs, untrained
 from kdkit._experiment import resolve
-from kdkit._parts import build_checked_teacher, build_parts
+from kdkit._parts import build_parts, build_teachers
 from kdkit._plugins import default_plugins
 from kdkit._recipe import load_recipe
 from kdkit._run import student_flops
@@ -41,19 +41,16 @@ def parameters(module: nn.Module) -> int:
 def check(recipe_path, overrides=(), *, allow_random_teachers: bool = False) -> CheckReport:
     """Check ``recipe_path`` with ``overrides`` and build its student, heads and existing teachers on the CPU."""
     plugins = default_plugins()
-    recipe = load_recipe(recipe_path, list(overrides))
-    exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
+    exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
     device = torch.device("cpu")
     torch.manual_seed(exp.seed)
     parts = build_parts(exp, plugins, device)
     runs = teacher_runs(exp, plugins)
     to_train = untrained(runs)
+    teachers = build_teachers(exp, plugins, parts, device, runs, skip=to_train)
     params = {"student": parameters(parts.model.student),
-              **{f"heads.{name}": parameters(head) for name, head in parts.model.heads.items()}}
-    for name in exp.needed_teachers:
-        if name not in to_train:
-            teacher = build_checked_teacher(exp, name, plugins, parts, device, runs.get(name))
-            params[f"teachers.{name}"] = parameters(teacher.model)
+              **{f"heads.{name}": parameters(head) for name, head in parts.model.heads.items()},
+              **{f"teachers.{name}": parameters(teacher.model) for name, teacher in teachers.items()}}
     flops = student_flops(exp, parts, plugins)
-    return CheckReport(recipe.to_toml(), params, flops.total, flops.unsupported,
+    return CheckReport(exp.recipe.to_toml(), params, flops.total, flops.unsupported,
                        {name: str(out) for name, out in to_train.items()})

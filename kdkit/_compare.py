@@ -191,7 +191,7 @@ def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_rando
     from kdkit._experiment import resolve
     from kdkit._jobs import Job, run_command, run_jobs
     from kdkit._plugins import default_plugins
-    from kdkit._build import teacher_run_dir
+    from kdkit._build import teacher_runs, untrained
 
     random_ok = ["--allow-random-teachers"] if allow_random_teachers else []  # a cache build scores no teacher
     flags = [*random_ok, *(["--allow-weak-teachers"] if allow_weak_teachers else [])]
@@ -199,10 +199,10 @@ def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_rando
     teachers, caches = {}, {}
     for plan in todo:
         exp = resolve(plan.recipe, plugins, allow_random_teachers=True)
-        for spec in exp.teachers.values():
-            out = teacher_run_dir(spec.recipe, plugins) if spec.recipe else None
-            if out and out not in teachers and RunDir(out).status() != "completed":
-                teachers[out] = run_command(f"teacher {spec.recipe.table['name']}", spec.recipe.path, (), out, flags)
+        for name, out in untrained(teacher_runs(exp, plugins)).items():
+            if out not in teachers:
+                recipe = exp.teachers[name].recipe
+                teachers[out] = run_command(f"teacher {recipe.table['name']}", recipe.path, (), out, flags)
         if exp.teacher_cache and exp.name not in caches:
             args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)),
                     *random_ok]

@@ -158,24 +158,23 @@ def probe_student(model: DistillModel, plugin: str, image: torch.Tensor, num_cla
 
 
 def build_teachers(exp: Experiment, plugins: Plugins, parts: Parts, device: torch.device,
-                   runs: dict[str, Path] | None = None) -> dict[str, Teacher]:
-    """The teachers the losses name, each checked on one image; a teacher given by a recipe is loaded from its
-    trained run in ``runs`` (``kdkit._build.ensure_teachers``)."""
-    return {name: build_checked_teacher(exp, name, plugins, parts, device, (runs or {}).get(name))
-            for name in exp.needed_teachers}
-
-
-@torch.no_grad()
-def build_checked_teacher(exp: Experiment, name: str, plugins: Plugins, parts: Parts, device: torch.device,
-                          run: Path | None = None) -> Teacher:
-    """One teacher (``build_teacher``), checked on one validation image: one logit per class of the data."""
-    teacher = build_teacher(exp, name, plugins, parts.splits, device, run)
+                   runs: dict[str, Path] | None = None, skip=()) -> dict[str, Teacher]:
+    """The teachers the losses name (but those in ``skip``), each checked on one image: one logit per class
+    of the data. A teacher given by a recipe is loaded from its trained run in ``runs``
+    (``kdkit._build.ensure_teachers``)."""
     image = parts.val_set[0][0].unsqueeze(0).to(device)
-    logits = teacher.logits(image, *parts.normalization(device))
-    if tuple(logits.shape) != (1, parts.splits.num_classes):
-        raise exp.recipe.error(f"teachers.{name}", f"the teacher gives {tuple(logits.shape)} for one image, "
-                               f"expected (1, {parts.splits.num_classes}): one logit per class of the data")
-    return teacher
+    teachers = {}
+    for name in exp.needed_teachers:
+        if name in skip:
+            continue
+        teacher = build_teacher(exp, name, plugins, parts.splits, device, (runs or {}).get(name))
+        with torch.no_grad():
+            logits = teacher.logits(image, *parts.normalization(device))
+        if tuple(logits.shape) != (1, parts.splits.num_classes):
+            raise exp.recipe.error(f"teachers.{name}", f"the teacher gives {tuple(logits.shape)} for one image, "
+                                   f"expected (1, {parts.splits.num_classes}): one logit per class of the data")
+        teachers[name] = teacher
+    return teachers
 
 
 def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetSplits, device: torch.device,

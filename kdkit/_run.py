@@ -162,9 +162,8 @@ def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:
     """Each teacher's validation top-1 (%); one at most twice chance is refused (wrong weights,
     normalization or class order?) unless ``allow_weak``, which makes it a warning."""
     chance = 100.0 / trainer.parts.splits.num_classes
-    top1 = {}
-    for name in trainer.parts.teachers:
-        top1[name] = trainer.evaluate_teacher(name)
+    top1 = trainer.teachers_top1()
+    for name in top1:
         if top1[name] <= 2 * chance:
             message = (f"teachers.{name}: validation top-1 {top1[name]:.2f}% is at most twice chance "
                        f"({chance:.2f}%): wrong weights, input normalization or class order (teachers.{name}.classes "

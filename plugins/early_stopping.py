@@ -41,11 +41,12 @@ class EarlyStopping:
     def decide(self, trainer) -> None:
         sign = 1.0 if self.mode == "max" else -1.0
         best, best_epoch = None, 0
-        for epoch, row in enumerate(trainer.history, start=1):
+        history = trainer.history  # a copy each time it is read
+        for epoch, row in enumerate(history, start=1):
             value = self.value(row)
             if best is None or sign * (value - best) > self.min_delta:
                 best, best_epoch = value, epoch
-        waited = len(trainer.history) - best_epoch
+        waited = len(history) - best_epoch
         if best is not None and waited >= self.patience:
             trainer.request_stop(f"{self.metric} has not improved by more than {self.min_delta:g} for {waited} "
                                  f"epochs (best {best:.4g}, epoch {best_epoch})")
