@@ -107,7 +107,7 @@ class Trainer:
         self.scheduler = create_schedule(self.state.optimizer, self.cfg, self.steps_per_epoch)
         self.scheduler.step_update(0)
         self.resumed = False
-        self.stop = StopOnSignal(kill_children=True)  # the loaders' workers go with a second signal's exit
+        self.stop = StopOnSignal()
         self.stop_reason: str | None = None  # a callback's request_stop
         self.view = Run(self)  # what the lifecycle hooks receive
         self.clock = (time.perf_counter(), 0.0)

@@ -11,17 +11,17 @@ class StopOnSignal:
     """SIGINT and SIGTERM ask the run to stop after the current step; a second one exits at once.
 
     Only the main thread can install signal handlers; elsewhere signals keep their default effect.
-    With ``kill_children``, exiting at once first kills this process's multiprocessing children (a
-    run's data-loader workers), which would otherwise linger for seconds, holding the terminal's or a
-    caller's output pipes, until they noticed their parent was gone.
+    Exiting at once skips multiprocessing's exit handler, so the handler first does what that one would:
+    it terminates the daemonic children (a run's data-loader workers; never ``compare --jobs``'s runs),
+    which would otherwise linger for seconds, holding the terminal's or a caller's output pipes, until
+    they noticed their parent was gone.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, kill_children: bool = False):
+    def __init__(self):
         self.signum: int | None = None
         self.previous = {}
-        self.kill_children = kill_children
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -34,7 +34,8 @@ class StopOnSignal:
 
     def handle(self, signum, frame) -> None:
         if self.signum is not None:
-            for child in multiprocessing.active_children() if self.kill_children else ():
-                child.kill()  # they hold nothing on disk
+            for child in multiprocessing.active_children():
+                if child.daemon:
+                    child.terminate()
             os._exit(128 + signum)  # everything on disk was written atomically: nothing is torn
         self.signum = signum
