@@ -7,11 +7,12 @@ import json
 import os
 import signal
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer, plugins_with
 from kdkit import api
-from kdkit_plugins.early_stopping import EarlyStopping
+from kdkit_plugins.early_stopping import EarlyStopping, early_stopping
 
 # lr falls every epoch (cosine, no warmup): with patience 1 the run stops after its second epoch of five
 STOPS_AFTER_TWO = ["-o", "train.epochs=5", "-o", "train.warmup_epochs=0",
@@ -95,3 +96,26 @@ def test_a_stop_asked_when_a_run_resumes_mid_epoch_comes_after_that_epoch(write_
     resumed.fit()
     assert resumed.summary["stopped_early"] and resumed.summary["stop_reason"] == "asked at the start"
     assert resumed.state.step == 4 and resumed.summary["epochs"] == 1 and len(resumed.state.history) == 1
+
+
+class History:
+    """A run as early_stopping reads it: its history, and where a stop request goes."""
+
+    def __init__(self, values, key="eval"):
+        self.history = [{"top1": {key: v}, "train": {"loss": v}, "lr": v} for v in values]
+        self.reasons = []
+
+    def request_stop(self, reason):
+        self.reasons.append(reason)
+
+
+@pytest.mark.parametrize("mode, values, stops", [
+    ("max", [50.0, 50.5, 50.4], True),   # +0.5 is not more than min_delta: two epochs without improvement
+    ("max", [50.0, 50.6, 50.4], False),  # +0.6 is: one epoch since the best
+    ("min", [2.0, 1.5, 1.6], True),      # -0.5 is not an improvement by more than min_delta
+    ("min", [2.0, 1.4, 1.6], False)])
+def test_an_improvement_must_beat_min_delta_in_the_metrics_direction(mode, values, stops):
+    run = History(values)
+    early_stopping(metric="top1.eval" if mode == "max" else "train.loss", mode=mode, patience=2,
+                   min_delta=0.5).decide(run)
+    assert bool(run.reasons) is stops
