@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 import kdkit
-from kdkit._engine import Trainer
-from kdkit._plugins import default_plugins
-from kdkit._rundir import RunDir
+from kdkit.train.loop import Trainer
+from kdkit.plugin.discovery import default_plugins
+from kdkit.store.rundir import RunDir
 
 
 def trainer_from_recipe(text: str, folder: Path, name: str, device: torch.device = torch.device("cpu")) -> Trainer:

@@ -28,9 +28,9 @@ from timm.task import TokenDistillationTask
 from _machine import alone
 from _timing import seconds
 from _trainers import trainer_from_recipe
-from kdkit._engine import Trainer
-from kdkit._flops import count_flops
-from kdkit._model import Predictor
+from kdkit.train.loop import Trainer
+from kdkit.builder.flops import count_flops
+from kdkit.builder.model import Predictor
 
 SIZE, PATCH, DIM, DEPTH, HEADS, BATCH, CLASSES = 64, 8, 192, 6, 3, 32, 10
 

@@ -22,7 +22,7 @@ import torch
 
 from _machine import alone
 from _trainers import trainer_from_recipe
-from kdkit._engine import Trainer
+from kdkit.train.loop import Trainer
 
 RECIPE = """
 seed = 0

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from kdkit._model import DistillModel, Predictor
+from kdkit.builder.model import DistillModel, Predictor
 from kdkit_plugins.heads import linear
 from kdkit_plugins.vit import vit
 from _machine import alone

@@ -13,7 +13,7 @@ __all__ = ["__version__", "build", "build_model", "load", "run"]
 
 def run(recipe_path, overrides=(), out=None, **options):
     """Train one recipe (see ``kdkit run --help``; ``progress=True`` shows progress); returns the run directory."""
-    from kdkit._run import run as _run
+    from kdkit.train.run import run as _run
 
     return _run(recipe_path, overrides=overrides, out=out, **options)
 
@@ -25,7 +25,7 @@ def build(recipe_path, overrides=(), *, train_teachers: bool = False, allow_rand
     optimizer update and returns its loss terms). A teacher its recipe has not trained yet, or a
     teacher-output cache not built yet, is an error naming the command that makes it, unless
     ``train_teachers``."""
-    from kdkit._build import build as _build
+    from kdkit.builder.build import build as _build
 
     return _build(recipe_path, overrides, train_teachers=train_teachers,
                   allow_random_teachers=allow_random_teachers, device=device)
@@ -33,14 +33,14 @@ def build(recipe_path, overrides=(), *, train_teachers: bool = False, allow_rand
 
 def load(path):
     """Rebuild a trained student with its heads from ``student.safetensors`` or a run directory."""
-    from kdkit._export import load as _load
+    from kdkit.store.export import load as _load
 
     return _load(path)
 
 
 def build_model(kind: str, **table):
     """Build a student or teacher from a recipe table, e.g. ``build_model("teacher", plugin="rednet", depth=26)``."""
-    from kdkit._parts import build_model as _build_model
+    from kdkit.builder.parts import build_model as _build_model
 
     return _build_model(kind, **table)
 

@@ -1,3 +1,3 @@
-from kdkit._cli import main
+from kdkit.cli import main
 
 main()

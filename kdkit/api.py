@@ -4,7 +4,7 @@ Plugins import this module and nothing else of kdkit (the built-in ones are held
 every other core module is private (its name starts with an underscore) and may change.
 
 - hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
-  hooks of ``kdkit._hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
+  hooks of ``kdkit.plugin.hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
   ``register(kind, name)`` is the short form of a registration hook: a decorator on the factory.
 - recipe keys: ``Range`` bounds a factory's number, ``Annotated[float, Range(gt=0)]``, checked with the
   recipe (every float must also be finite); ``MAX_IMAGE_SIZE`` and ``MAX_CLASSES`` are the documented
@@ -24,21 +24,21 @@ every other core module is private (its name starts with an underscore) and may 
 """
 import warnings
 
-from kdkit._checkpoint import save_checkpoint
-from kdkit._config import MAX_CLASSES, MAX_IMAGE_SIZE, AugmentConfig, cache_root, default_data_root
-from kdkit._data import DatasetSplits, build_transforms, fingerprint
-from kdkit._errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
-from kdkit._export import save as save_export
-from kdkit._flops import traced_shape
-from kdkit._hookspecs import hookimpl
-from kdkit._images import read_image
-from kdkit._model import PooledStudent
-from kdkit._plugins import register
-from kdkit._run_view import Run
-from kdkit._rundir import RunDir
-from kdkit._schema import Range
-from kdkit._summary import Summary
-from kdkit._teacher import teacher_log_probs
+from kdkit.store.checkpoint import save_checkpoint
+from kdkit.recipe.sections import MAX_CLASSES, MAX_IMAGE_SIZE, AugmentConfig, cache_root, default_data_root
+from kdkit.builder.data import DatasetSplits, build_transforms, fingerprint
+from kdkit.errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
+from kdkit.store.export import save as save_export
+from kdkit.builder.flops import traced_shape
+from kdkit.plugin.hookspecs import hookimpl
+from kdkit.builder.images import read_image
+from kdkit.builder.model import PooledStudent
+from kdkit.plugin.discovery import register
+from kdkit.train.run_view import Run
+from kdkit.store.rundir import RunDir
+from kdkit.recipe.schema import Range
+from kdkit.store.summary import Summary
+from kdkit.builder.teacher import teacher_log_probs
 
 __all__ = [
     "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",

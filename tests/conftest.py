@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 import kdkit
-from kdkit._cli import app
-from kdkit._engine import Trainer
-from kdkit._plugins import Plugins, default_plugins
-from kdkit._rundir import RunDir
+from kdkit.cli import app
+from kdkit.train.loop import Trainer
+from kdkit.plugin.discovery import Plugins, default_plugins
+from kdkit.store.rundir import RunDir
 from kdkit_plugins import involution_fused
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

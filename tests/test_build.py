@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kdkit
-from kdkit._errors import KdkitError
+from kdkit.errors import KdkitError
 
 from conftest import TWO_TEACHER_RECIPE, contributing_example
 

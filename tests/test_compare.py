@@ -13,12 +13,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-import kdkit._run
-from kdkit._cli import COMPARE_WIDTH, _table, app
-from kdkit._compare import (MARK, Run, load_run, paired_differences, results_table, seeded_recipe, summarize,
+import kdkit.train.run
+from kdkit.cli import COMPARE_WIDTH, _table, app
+from kdkit.tools.compare import (MARK, Run, load_run, paired_differences, results_table, seeded_recipe, summarize,
                             tables, to_markdown, validation_curves)
-from kdkit._recipe import load_recipe
-from kdkit._summary import Summary
+from kdkit.recipe.toml import load_recipe
+from kdkit.store.summary import Summary
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -100,13 +100,13 @@ def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monke
     seed0 = runs / "two" / "seed0" / "summary.json"
     before = seed0.stat().st_mtime_ns
     trained = []
-    real_run = kdkit._run.run
+    real_run = kdkit.train.run.run
 
     def counting_run(recipe_path, overrides, out, **options):
         trained.append(Path(out).name)
         return real_run(recipe_path, overrides, out, **options)
 
-    monkeypatch.setattr(kdkit._run, "run", counting_run)
+    monkeypatch.setattr(kdkit.train.run, "run", counting_run)
     args = ("compare", recipe, "--seeds", "0,1", "--runs", runs, *FAST, "--allow-random-teachers")
     first = cli(*args)
     assert first.exit_code == 0, first.output
@@ -119,7 +119,7 @@ def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monke
         shutil.copytree(dirs[0], out, dirs_exist_ok=True)
         return out
 
-    monkeypatch.setattr(kdkit._run, "run", fake_run)
+    monkeypatch.setattr(kdkit.train.run, "run", fake_run)
     assert cli(*args).exit_code == 0 and trained == ["seed1"]  # everything complete: nothing trains
     interrupted = {**summary(runs / "two" / "seed0"), "status": "interrupted"}
     seed0.write_text(json.dumps(interrupted))
@@ -138,7 +138,7 @@ def test_a_plain_run_is_seed_0_of_a_recipe_that_names_no_seed(cli, tmp_path, mon
     assert "seed" not in load_recipe(recipe).table
     made = cli("run", recipe, "--out", tmp_path / "runs" / "two" / "seed0", *FAST, "--allow-random-teachers")
     assert made.exit_code == 0, made.output
-    monkeypatch.setattr(kdkit._run, "run", lambda *args, **kwargs: pytest.fail("compare retrained the run"))
+    monkeypatch.setattr(kdkit.train.run, "run", lambda *args, **kwargs: pytest.fail("compare retrained the run"))
     result = cli("compare", recipe, "--runs", tmp_path / "runs", *FAST)
     assert result.exit_code == 0, result.output
     assert MARK not in result.output  # the hash the run recorded is the one compare expects
@@ -277,14 +277,14 @@ def test_validation_curves_gather_every_epoch_of_every_seed(seed_runs):
 
 
 def test_holm_by_hand():
-    from kdkit._compare import holm
+    from kdkit.tools.compare import holm
 
     assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
     assert holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_two_runs_of_one_recipe_and_seed_are_refused():
-    from kdkit._errors import KdkitError
+    from kdkit.errors import KdkitError
 
     with pytest.raises(KdkitError, match="two runs of 'a' with seed 0"):
         summarize([fabricated("a", 0, 1.0), fabricated("a", 0, 2.0)])

@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 import kdkit
-from kdkit import _teacher_cache
-from kdkit._cli import app
-from kdkit._errors import KdkitError
+from kdkit.builder import teacher_cache
+from kdkit.cli import app
+from kdkit.errors import KdkitError
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 
@@ -146,8 +146,8 @@ def test_export_metadata_without_what_load_needs_is_refused(drop, missing, run_c
 
 
 def test_truncated_safetensors_weights_name_the_file(run_copy, tmp_path):
-    from kdkit._checkpoint import read_state_dict
-    from kdkit._export import is_export
+    from kdkit.store.checkpoint import read_state_dict
+    from kdkit.store.export import is_export
 
     weights = tmp_path / "weights.safetensors"
     shutil.copy(run_copy[1] / "student.safetensors", weights)
@@ -214,7 +214,7 @@ def built_cache(tmp_path_factory):
     recipe.write_text(CACHED)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KDKIT_CACHE", str(root / "cache"))
-        patch.setattr(_teacher_cache, "CHUNK", 8)
+        patch.setattr(teacher_cache, "CHUNK", 8)
         result = CliRunner().invoke(app, ["cache", "build", str(recipe), "--allow-random-teachers"])
     assert result.exit_code == 0, result.output
     return recipe, root / "cache"
@@ -226,7 +226,7 @@ def cache(built_cache, tmp_path, monkeypatch):
     recipe, cache = built_cache
     shutil.copytree(cache, tmp_path / "cache")
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(_teacher_cache, "CHUNK", 8)
+    monkeypatch.setattr(teacher_cache, "CHUNK", 8)
     [conv] = (tmp_path / "cache" / "teacher_outputs").glob("conv-*")
     return recipe, conv
 

@@ -19,12 +19,12 @@ from timm.data.auto_augment import RandAugment
 from torchvision.transforms import ColorJitter
 
 import kdkit_plugins.datasets as datasets
-from kdkit._config import AugmentConfig, DataConfig
-from kdkit._data import (Targets, build_loaders, build_transforms, fingerprint, seeded, split_datasets,
+from kdkit.recipe.sections import AugmentConfig, DataConfig
+from kdkit.builder.data import (Targets, build_loaders, build_transforms, fingerprint, seeded, split_datasets,
                          stratified_indices)
-from kdkit._errors import KdkitError, RecipeError
-from kdkit._plugins import default_plugins
-from kdkit._schema import check_table
+from kdkit.errors import KdkitError, RecipeError
+from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.schema import check_table
 
 CIFAR10_ARCHIVE = next((p for p in (Path(__file__).parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz",
                                     Path("/work/shared/data/cifar10-jpeg.tar.gz")) if p.is_file()), None)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kdkit._plugins import default_plugins
-from kdkit._schema import check_table
+from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.schema import check_table
 from kdkit_plugins.dist import dist
 
 # Three samples, not two: over a batch of two, every column's Pearson correlation is +-1.

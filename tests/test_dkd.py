@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdkit._errors import KdkitError
-from kdkit._plugins import default_plugins
-from kdkit._schema import check_table
+from kdkit.errors import KdkitError
+from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.schema import check_table
 from kdkit_plugins.dkd import dkd
 from kdkit_plugins.losses import kl
 

@@ -15,12 +15,12 @@ import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer, plugins_with
 from kdkit import api
-from kdkit._distributed import Processes
-from kdkit._errors import KdkitError, RunInterrupted
-from kdkit._precision import autocast
-from kdkit._signals import StopOnSignal
-from kdkit._step import DROP_PATH_STREAM, NonFiniteLoss
-from kdkit._top1 import Top1
+from kdkit.train.processes import Processes
+from kdkit.errors import KdkitError, RunInterrupted
+from kdkit.train.precision import autocast
+from kdkit.train.signals import StopOnSignal
+from kdkit.train.step import DROP_PATH_STREAM, NonFiniteLoss
+from kdkit.train.top1 import Top1
 
 
 def first_batch(trainer):
@@ -174,7 +174,7 @@ def test_bf16_heads_and_teacher_classifiers_give_fp32_logits(write_recipe):
 @pytest.mark.parametrize("size", [3, 8, 32, 48])
 def test_a_teacher_sees_the_image_resized_to_its_size_antialiased_when_smaller(size, monkeypatch):
     """Resized only where the size differs (a batch of 8 images and 3 channels: no other dimension is 32)."""
-    from kdkit._teacher import Teacher
+    from kdkit.builder.teacher import Teacher
 
     seen, resized = {}, []
     model = torch.nn.Conv2d(3, 4, 1)
@@ -193,7 +193,7 @@ def test_a_teacher_sees_the_image_resized_to_its_size_antialiased_when_smaller(s
 
 def test_a_teacher_runs_its_model_as_given_unless_asked():
     """By default a teacher computes in fp32, uncompiled, in the model's own memory format."""
-    from kdkit._teacher import Teacher
+    from kdkit.builder.teacher import Teacher
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
@@ -582,7 +582,7 @@ def test_each_process_draws_its_own_drop_path_masks(processes, rank, write_recip
     trainer = make_trainer(write_recipe(TWO_TEACHER_RECIPE))
     trainer.distill_step.processes = processes
     keys = []
-    monkeypatch.setattr("kdkit._step.sample_seed", lambda *key: keys.append(key) or 0)
+    monkeypatch.setattr("kdkit.train.step.sample_seed", lambda *key: keys.append(key) or 0)
     images, labels = first_batch(trainer)
     trainer.train_step(images, labels, epoch=0)
     assert keys == [(0, 0, 0, DROP_PATH_STREAM) + ((rank,) if rank is not None else ())]

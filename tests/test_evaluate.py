@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import kdkit
-from kdkit._recipe import load_recipe
+from kdkit.recipe.toml import load_recipe
 
 from test_compare import OVERRIDES, PNG_MAGIC, two_teacher_recipe
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import kdkit
-from kdkit._data import EpochSampler
+from kdkit.builder.data import EpochSampler
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 from test_images import BAD_FILES
@@ -155,7 +155,7 @@ def test_a_run_is_the_same_with_and_without_the_check(write_recipe, tmp_path, mo
                                       'model = "test_resnet"\ndrop_path_rate = 0.1')
     path = write_recipe(text)
     checked = kdkit.run(path, ["train.epochs=1"], out=tmp_path / "checked", allow_random_teachers=True)
-    monkeypatch.setattr(kdkit._engine.Trainer, "check_first_batches", lambda self, *start: None)
+    monkeypatch.setattr(kdkit.train.loop.Trainer, "check_first_batches", lambda self, *start: None)
     unchecked = kdkit.run(path, ["train.epochs=1"], out=tmp_path / "unchecked", allow_random_teachers=True)
     ours = torch.load(checked / "checkpoints" / "last.pt", weights_only=True)
     theirs = torch.load(unchecked / "checkpoints" / "last.pt", weights_only=True)

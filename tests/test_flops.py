@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kdkit
-from kdkit._flops import count_flops, plugin_rules
-from kdkit._model import Predictor
-from kdkit._plugins import default_plugins
+from kdkit.builder.flops import count_flops, plugin_rules
+from kdkit.builder.model import Predictor
+from kdkit.plugin.discovery import default_plugins
 
 
 def involution_count(channels: int, kernel: int, size_out: int, reduction: int = 4, group: int = 16) -> int:
@@ -50,7 +50,7 @@ def rules():
 
 def test_civt_ti_counts_attention(rules):
     student = kdkit.build_model("student", plugin="vit", preset="ti", tokens=["cls", "conv", "inv"])
-    model = Predictor(kdkit._model.DistillModel(student, {"cls": torch.nn.Linear(192, 1000)}, {"cls": "cls"},
+    model = Predictor(kdkit.builder.model.DistillModel(student, {"cls": torch.nn.Linear(192, 1000)}, {"cls": "cls"},
                                                 ["cls"]))
     count = count_flops(model, torch.zeros(1, 3, 224, 224), rules)
     expected = vit_by_hand(tokens=3)

@@ -11,9 +11,9 @@ import math
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kdkit._errors import KdkitError
-from kdkit._experiment import resolve
-from kdkit._recipe import load_recipe
+from kdkit.errors import KdkitError
+from kdkit.recipe.experiment import resolve
+from kdkit.recipe.toml import load_recipe
 
 RECIPE = """
 seed = 0

@@ -12,9 +12,9 @@ from PIL import Image
 
 import kdkit
 import kdkit_plugins.datasets as datasets
-from kdkit._config import AugmentConfig
-from kdkit._errors import UnreadableImage
-from kdkit._images import read_image
+from kdkit.recipe.sections import AugmentConfig
+from kdkit.errors import UnreadableImage
+from kdkit.builder.images import read_image
 
 from conftest import TWO_TEACHER_RECIPE
 

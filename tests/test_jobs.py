@@ -1,4 +1,4 @@
-"""``kdkit._jobs``: runs side by side never outlive the command that started them, and a stop still says
+"""``kdkit.tools.jobs``: runs side by side never outlive the command that started them, and a stop still says
 which of them had failed. Processes are stand-ins here; tests/test_resume.py stops real ones."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import kdkit._jobs
-from kdkit._errors import RunInterrupted
-from kdkit._jobs import Job, run_jobs
+import kdkit.tools.jobs
+from kdkit.errors import RunInterrupted
+from kdkit.tools.jobs import Job, run_jobs
 
 
 class StandIn:
@@ -38,8 +38,8 @@ class StandIns(dict):
     def __init__(self, monkeypatch, **stand_ins):
         super().__init__(stand_ins)
         self.started = []
-        monkeypatch.setattr(kdkit._jobs, "launch", self.launch)
-        monkeypatch.setattr(kdkit._jobs.time, "sleep", lambda seconds: None)
+        monkeypatch.setattr(kdkit.tools.jobs, "launch", self.launch)
+        monkeypatch.setattr(kdkit.tools.jobs.time, "sleep", lambda seconds: None)
 
     def launch(self, job, threads):
         self.started.append(job.label)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kdkit._plugins import default_plugins
+from kdkit.plugin.discovery import default_plugins
 from kdkit_plugins.losses import ce, hard, kl
 
 STUDENT = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
@@ -69,7 +69,7 @@ def test_hard_distillation_uses_the_teachers_argmax():
 
 
 def test_the_ensemble_of_probabilities_is_their_mean_in_log_space():
-    from kdkit._teacher import teacher_log_probs
+    from kdkit.builder.teacher import teacher_log_probs
 
     teachers = [torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 3.0, 0.0]])]
     for tau in (1.0, 2.0):

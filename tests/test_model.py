@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkit._model import DistillModel, prediction_names, predictions
+from kdkit.builder.model import DistillModel, prediction_names, predictions
 
 
 class Constant(torch.nn.Module):

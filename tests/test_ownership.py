@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import kdkit
-from kdkit._errors import KdkitError, RecipeError
-from kdkit._rundir import RunDir
+from kdkit.errors import KdkitError, RecipeError
+from kdkit.store.rundir import RunDir
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -94,14 +94,14 @@ import sys
 from pathlib import Path
 
 import kdkit
-from kdkit import _lock
-from kdkit._run import build_teacher_caches
-from kdkit._rundir import RunDir
+from kdkit.store import lock
+from kdkit.train.run import build_teacher_caches
+from kdkit.store.rundir import RunDir
 
 kind, folder, recipe = sys.argv[1:]
 if kind == "cache":
     Path(folder).mkdir(parents=True)
-    _lock.acquire(Path(folder))
+    lock.acquire(Path(folder))
 else:
     RunDir(folder).claim()
 print("locked", flush=True)
@@ -121,7 +121,7 @@ def hold(folder: Path, recipe: Path, kind: str = "run") -> subprocess.Popen:
     return holder
 
 
-# The lock as kdkit takes it (kdkit._lock), by a process that needs no kdkit import to hold it.
+# The lock as kdkit takes it (kdkit.store.lock), by a process that needs no kdkit import to hold it.
 FLOCK = """
 import fcntl, os, socket, sys
 file = open(sys.argv[1], "a+")
@@ -195,9 +195,9 @@ class Console:
 
 
 def test_a_teacher_trained_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch):
-    from kdkit._plugins import default_plugins
-    from kdkit._recipe import load_recipe
-    from kdkit._build import teacher_run_dir
+    from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.toml import load_recipe
+    from kdkit.builder.build import teacher_run_dir
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     teacher = tmp_path / "teacher.toml"
@@ -229,12 +229,12 @@ views = 1
 
 
 def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch, cli):
-    from kdkit import _teacher_cache
-    from kdkit._config import cache_root
-    from kdkit._experiment import resolve
-    from kdkit._plugins import default_plugins
-    from kdkit._recipe import load_recipe
-    from kdkit._build import build_all_parts
+    from kdkit.builder import teacher_cache
+    from kdkit.recipe.sections import cache_root
+    from kdkit.recipe.experiment import resolve
+    from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.toml import load_recipe
+    from kdkit.builder.build import build_all_parts
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "cached.toml"
@@ -252,7 +252,7 @@ def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_pa
         def never(*args, **kwargs):
             raise AssertionError("built again")
 
-        monkeypatch.setattr(_teacher_cache, "build_cache", never)  # this process only reads the caches
+        monkeypatch.setattr(teacher_cache, "build_cache", never)  # this process only reads the caches
         console = Console(holder)
         out = kdkit.run(recipe, out=tmp_path / "run", allow_random_teachers=True, console=console)
     finally:
@@ -263,9 +263,9 @@ def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_pa
 
 
 def test_a_forked_child_never_keeps_the_lock(tmp_path):
-    from kdkit import _lock
+    from kdkit.store import lock
 
-    _lock.acquire(tmp_path)
+    lock.acquire(tmp_path)
     read, write = os.pipe()
     forked, ready = os.pipe()
     child = os.fork()
@@ -275,8 +275,8 @@ def test_a_forked_child_never_keeps_the_lock(tmp_path):
         os._exit(0)
     try:
         os.read(forked, 1)
-        _lock.release(tmp_path)
-        assert _lock.holder(tmp_path) is None  # free, although the child still has the parent's descriptors
+        lock.release(tmp_path)
+        assert lock.holder(tmp_path) is None  # free, although the child still has the parent's descriptors
     finally:
         os.write(write, b"x")
         os.waitpid(child, 0)

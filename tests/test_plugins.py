@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from kdkit._errors import PluginError
-from kdkit._plugins import Plugins, PluginWarning
+from kdkit.errors import PluginError
+from kdkit.plugin.discovery import Plugins, PluginWarning
 
 from conftest import TWO_TEACHER_RECIPE, make_distribution
 
@@ -169,7 +169,7 @@ def test_a_misspelt_callback_hook_is_refused_before_anything_is_written(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins = Plugins()
     plugins.load_entry_points()
-    monkeypatch.setattr("kdkit._run.default_plugins", lambda: plugins)
+    monkeypatch.setattr("kdkit.train.run.default_plugins", lambda: plugins)
     recipe = write_recipe(TWO_TEACHER_RECIPE + "\n[callbacks.late]\n")
     result = cli("run", recipe, "--out", tmp_path / "out", "--allow-random-teachers")
     assert result.exit_code == 2, result.output

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdkit._errors import RecipeError
-from kdkit._recipe import Recipe, load_recipe, parse_override
+from kdkit.errors import RecipeError
+from kdkit.recipe.toml import Recipe, load_recipe, parse_override
 
 if sys.version_info >= (3, 11):
     import tomllib

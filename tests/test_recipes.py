@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import kdkit
-from kdkit._experiment import resolve
-from kdkit._plugins import default_plugins
-from kdkit._recipe import load_recipe
+from kdkit.recipe.experiment import resolve
+from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.toml import load_recipe
 
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").rglob("*.toml") if not p.name.startswith("_"))
 FAKE_DATA = ('data={ dataset = "fake", image_size = 32, num_classes = 10, train_size = 16, val_size = 8, '

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import kdkit
-from kdkit._errors import KdkitError
-from kdkit._plugins import default_plugins
+from kdkit.errors import KdkitError
+from kdkit.plugin.discovery import default_plugins
 from kdkit_plugins.involution import Involution2d
 from kdkit_plugins.rednet import RedNet, convert_mmcls_state_dict, rednet_student, rednet_teacher
 

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import kdkit
-from kdkit._model import DistillModel
+from kdkit.builder.model import DistillModel
 from kdkit_plugins.heads import linear
 from kdkit_plugins.rednet import rednet_stem
 from kdkit_plugins.vit import from_released, vit
@@ -137,10 +137,10 @@ def test_a_released_checkpoint_loads_as_a_student_and_is_evaluated_untrained(rel
         """)
     out = kdkit.run(recipe, out=tmp_path / "run")
     summary = json.loads((out / "summary.json").read_text())
-    from kdkit._experiment import resolve
-    from kdkit._parts import build_splits
-    from kdkit._plugins import default_plugins
-    from kdkit._recipe import load_recipe
+    from kdkit.recipe.experiment import resolve
+    from kdkit.builder.parts import build_splits
+    from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.toml import load_recipe
 
     val = build_splits(resolve(load_recipe(recipe)), default_plugins()).val
     images = torch.stack([val[i][0] for i in range(len(val))])

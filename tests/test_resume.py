@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import kdkit
-from kdkit._cli import app
-from kdkit._step import DistillStep
-from kdkit._plugins import default_plugins
+from kdkit.cli import app
+from kdkit.train.step import DistillStep
+from kdkit.plugin.discovery import default_plugins
 
 from conftest import TWO_TEACHER_RECIPE, contributing_example, make_distribution, make_trainer
 

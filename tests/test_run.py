@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import kdkit
-from kdkit._errors import KdkitError
-from kdkit._export import read_meta
-from kdkit._recipe import load_recipe
+from kdkit.errors import KdkitError
+from kdkit.store.export import read_meta
+from kdkit.recipe.toml import load_recipe
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -145,7 +145,7 @@ def test_predict_prints_top_classes(finished_run, cli, tmp_path):
 
 
 def test_a_broken_run_records_its_status(write_recipe, cli, tmp_path, monkeypatch):
-    from kdkit._engine import Trainer
+    from kdkit.train.loop import Trainer
 
     def broken_step(self, images, labels, epoch, views=None):
         raise RuntimeError("stop")
@@ -206,10 +206,10 @@ def test_a_broken_teacher_recipe_is_reported_before_anything_trains(write_recipe
 def test_a_held_out_validation_split_selects_and_the_test_split_reports(write_recipe, tmp_path):
     """With data.val_split the epochs are compared on held-out training images; the test split is
     evaluated once, at the end, for the final student and for the epoch validation chose."""
-    from kdkit._experiment import resolve
-    from kdkit._parts import build_splits
-    from kdkit._plugins import default_plugins
-    from kdkit._recipe import load_recipe
+    from kdkit.recipe.experiment import resolve
+    from kdkit.builder.parts import build_splits
+    from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.toml import load_recipe
 
     recipe = write_recipe(TWO_TEACHER_RECIPE)
     out = kdkit.run(recipe, ["data.val_split=0.25"], out=tmp_path / "run", allow_random_teachers=True)

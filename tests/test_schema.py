@@ -5,8 +5,8 @@ from typing import Annotated, Literal
 
 import pytest
 
-from kdkit._errors import RecipeError
-from kdkit._schema import Range, check_table, describe_keys
+from kdkit.errors import RecipeError
+from kdkit.recipe.schema import Range, check_table, describe_keys
 
 
 def factory(*, depth: int, width: float = 1.0, name: str = "a", tokens: list[str] = ["cls"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import kdkit
-from kdkit._plugins import default_plugins
+from kdkit.plugin.discovery import default_plugins
 from kdkit_plugins.small_students import mixer, resnet10
 
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from kdkit._engine import Trainer
+from kdkit.train.loop import Trainer
 
 from conftest import TWO_TEACHER_RECIPE
 

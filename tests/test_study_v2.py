@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kdkit._cli import app
+from kdkit.cli import app
 
 RECIPES = Path(__file__).parents[1] / "recipes" / "cifar10_v2"
 ROWS = ["no_kd", "conv_only", "inv_only", "two_conv", "one_token_sum", "one_token_mean_prob", "civt", "two_inv"]

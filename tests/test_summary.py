@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kdkit import api
-from kdkit._errors import KdkitError
-from kdkit._summary import SCHEMA, Summary
+from kdkit.errors import KdkitError
+from kdkit.store.summary import SCHEMA, Summary
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_run"  # summary.json of kdkit 0.1.0, before "schema"
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit import _teacher_cache
-from kdkit._data import replay, view_of, view_seed
-from kdkit._errors import KdkitError
-from kdkit._experiment import resolve
-from kdkit._recipe import load_recipe
-from kdkit._teacher import Teacher
+from kdkit.builder import teacher_cache
+from kdkit.builder.data import replay, view_of, view_seed
+from kdkit.errors import KdkitError
+from kdkit.recipe.experiment import resolve
+from kdkit.recipe.toml import load_recipe
+from kdkit.builder.teacher import Teacher
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 
@@ -29,20 +29,20 @@ AUGMENT = ['augment.rand_augment="rand-m9-mstd0.5-inc1"', "augment.random_erasin
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(_teacher_cache, "CHUNK", 8)  # several chunks from a few images
+    monkeypatch.setattr(teacher_cache, "CHUNK", 8)  # several chunks from a few images
     return tmp_path / "cache"
 
 
 def test_the_student_replays_the_very_views_the_teachers_saw(write_recipe, monkeypatch):
     seen = []
-    real = _teacher_cache._Views.__getitem__
+    real = teacher_cache._Views.__getitem__
 
     def record(self, i):
         image = real(self, i)
         seen.append((self.keys[i], image.clone()))
         return image
 
-    monkeypatch.setattr(_teacher_cache._Views, "__getitem__", record)
+    monkeypatch.setattr(teacher_cache._Views, "__getitem__", record)
     trainer = make_trainer(write_recipe(CACHED), [*NO_MIXING, *AUGMENT, "data.workers=0"])
     built = dict(seen)
     assert len(built) == 32 * 3  # every (image, view) once
@@ -115,7 +115,7 @@ def test_cached_outputs_are_mixed_as_the_images_are(write_recipe, mixing):
     for name in trainer.parts.teachers:
         trainer.parts.teachers[name] = Teacher(LinearProbabilities(), mean=splits.mean, std=splits.std)
     del trainer.parts.teacher_hashes  # new teachers: new weights, new caches
-    trainer.distill_step.teacher_outputs = _teacher_cache.open_caches(trainer.exp, trainer.parts, torch.device("cpu"))
+    trainer.distill_step.teacher_outputs = teacher_cache.open_caches(trainer.exp, trainer.parts, torch.device("cpu"))
     trainer.parts.loaders.sampler.set_epoch(0)
     mixed_some = False
     for step, (images, labels, indices, views) in enumerate(trainer.parts.loaders.train):
@@ -137,18 +137,18 @@ def test_an_interrupted_build_resumes_to_the_same_cache(write_recipe, monkeypatc
     whole = arrays(cache_dir)
     assert len(whole) == 2  # one cache per teacher
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "other"))
-    real = _teacher_cache.TeacherOutputs.write_chunk
+    real = teacher_cache.TeacherOutputs.write_chunk
 
     def stop_at_the_third_chunk(self, chunk, outputs, seconds):
         if chunk == 2:
             raise KeyboardInterrupt
         real(self, chunk, outputs, seconds)
 
-    monkeypatch.setattr(_teacher_cache.TeacherOutputs, "write_chunk", stop_at_the_third_chunk)
+    monkeypatch.setattr(teacher_cache.TeacherOutputs, "write_chunk", stop_at_the_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(recipe, AUGMENT)
     assert not list((tmp_path / "other").glob("teacher_outputs/*/complete.json"))
-    monkeypatch.setattr(_teacher_cache.TeacherOutputs, "write_chunk", real)
+    monkeypatch.setattr(teacher_cache.TeacherOutputs, "write_chunk", real)
     make_trainer(recipe, AUGMENT)  # resumes: chunks 0 and 1 are kept, the rest built
     resumed = arrays(tmp_path / "other")
     assert resumed.keys() == whole.keys()

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import kdkit
-from kdkit._build import teacher_run_dir
-from kdkit._errors import KdkitError
-from kdkit._experiment import resolve
-from kdkit._parts import build_parts, build_teachers
-from kdkit._plugins import default_plugins
-from kdkit._recipe import load_recipe
+from kdkit.builder.build import teacher_run_dir
+from kdkit.errors import KdkitError
+from kdkit.recipe.experiment import resolve
+from kdkit.builder.parts import build_parts, build_teachers
+from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.toml import load_recipe
 
 from test_datasets import make_tree
 
@@ -141,7 +141,7 @@ def small_model():
 
 def test_the_weights_hash_is_stable_and_sees_names_dtypes_and_buffers():
     """Teacher caches and resumed runs are keyed by it: it must not change between versions of kdkit."""
-    from kdkit._teacher import weights_hash
+    from kdkit.builder.teacher import weights_hash
 
     assert weights_hash(small_model()) == "a593651b7b08dc0c"
     renamed = torch.nn.Sequential(torch.nn.Identity(), *small_model())  # the same tensors under other names

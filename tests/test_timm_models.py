@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import kdkit
-from kdkit._errors import KdkitError
+from kdkit.errors import KdkitError
 
 
 @pytest.mark.parametrize("model", ["resnet18", "resnet10t", "regnety_002"])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import kdkit
-from kdkit._errors import KdkitError
-from kdkit._plugins import default_plugins
+from kdkit.errors import KdkitError
+from kdkit.plugin.discovery import default_plugins
 from kdkit_plugins.heads import linear
 from kdkit_plugins.vit import kdkit_convert_checkpoint, vit
 

@@ -1,0 +1,1 @@
+"""The hooks a plugin implements and how plugins are found (entry points, one registry per kind)."""

@@ -1,0 +1,1 @@
+"""From TOML text to a checked ``Experiment``: loading and ``extends``, the core sections, factory schemas."""

@@ -1,0 +1,27 @@
+"""Class predictions for image files, with the trained model's own eval transform."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdkit.recipe.sections import AugmentConfig
+from kdkit.builder.data import build_transforms
+from kdkit.store.export import load
+from kdkit.builder.images import read_image
+
+
+def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> list[tuple[Path, list]]:
+    """``[(image, [(class name, probability), ...]), ...]``, most probable first."""
+    model = load(model_path)
+    meta = model.meta
+    transform = build_transforms(meta["image_size"], AugmentConfig(), meta["mean"], meta["std"], train=False,
+                                 crop_pct=meta["crop_pct"])
+    mode = "L" if meta["in_chans"] == 1 else "RGB"
+    results = []
+    for path in images:
+        with torch.no_grad():
+            probs = model.predict(transform(read_image(path, mode)).unsqueeze(0)).softmax(-1)[0]
+        values, indices = probs.topk(min(top, len(probs)))
+        results.append((path, [(meta["class_names"][i], v.item()) for v, i in zip(values, indices.tolist())]))
+    return results
