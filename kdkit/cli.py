@@ -95,7 +95,7 @@ def run(
 
     SIGINT (Ctrl-C) or SIGTERM stops the run after the current step with a checkpoint to --resume from.
     """
-    from kdkit.tools.compare import parse_seeds, run_seeds
+    from kdkit.tools.compare.seeds import parse_seeds, run_seeds
     from kdkit.train.run import run as run_recipe
 
     options = dict(force=force, resume=resume, allow_changes=allow_changes, allow_random_teachers=allow_random_teachers,
@@ -201,30 +201,32 @@ def compare(
                              "cores / N threads (teachers first, then teacher-output caches, then students)."),
 ):
     """Compare recipes over seeds: one row per recipe with mean ± std; trains what a recipe argument lacks."""
-    from kdkit.tools import compare as C
+    from kdkit.tools.compare import plots, report, stats
+    from kdkit.tools.compare.runs import collect_runs, validation_curves
+    from kdkit.tools.compare.seeds import parse_seeds
 
     with reported():
-        found, stages = C.collect_runs(targets, C.parse_seeds(seeds) if seeds else None, override, runs,
-                                       allow_random_teachers=allow_random_teachers,
-                                       allow_weak_teachers=allow_weak_teachers, jobs=jobs, console=err)
+        found, stages = collect_runs(targets, parse_seeds(seeds) if seeds else None, override, runs,
+                                     allow_random_teachers=allow_random_teachers,
+                                     allow_weak_teachers=allow_weak_teachers, jobs=jobs, console=err)
         if stages:
             err.print("wall time of what trained: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()),
                       highlight=False)
-        rows = C.summarize(found)
-        differences = C.paired_differences(rows, baseline) if baseline else []
-        curves = C.validation_curves(found) if curves_file else {}  # read before anything is written
+        rows = stats.summarize(found)
+        differences = stats.paired_differences(rows, baseline) if baseline else []
+        curves = validation_curves(found) if curves_file else {}  # read before anything is written
         if markdown:
-            output_path(markdown).write_text(C.to_markdown(rows, differences))
+            output_path(markdown).write_text(report.to_markdown(rows, differences))
         if csv_file:
-            output_path(csv_file).write_text(C.to_csv(rows, differences))
+            output_path(csv_file).write_text(report.to_csv(rows, differences))
         if plot_file:
-            C.plot(rows, output_path(plot_file))
+            plots.plot(rows, output_path(plot_file))
         if curves_file:
-            C.plot_curves(curves, output_path(curves_file))
+            plots.plot_curves(curves, output_path(curves_file))
     console = Console(width=COMPARE_WIDTH)
-    for table in C.tables(rows, differences):
+    for table in report.tables(rows, differences):
         console.print(_table(table))
-    for note in C.footnotes(rows):
+    for note in report.footnotes(rows):
         console.print(note, highlight=False, soft_wrap=True)
 
 
@@ -309,16 +311,16 @@ def evaluate(
                                                help="Evaluate against the run's random teachers (smoke tests)."),
 ):
     """Per-head top-1 and KL(teacher || head) between every head and teacher, on the run's validation set."""
-    from kdkit.tools import evaluate as E
+    from kdkit.tools import evaluate as heads_vs_teachers
 
     with reported():
-        rebuilt = E.rebuild(run_dir, allow_random_teachers=allow_random_teachers)
-        result = E.evaluate(rebuilt)
+        rebuilt = heads_vs_teachers.rebuild(run_dir, allow_random_teachers=allow_random_teachers)
+        result = heads_vs_teachers.evaluate(rebuilt)
         if json_file:
             output_path(json_file).write_text(json.dumps(result.to_json(), indent=2) + "\n")
         if figure:
-            E.figure(rebuilt, output_path(figure), images)
-    wide_console().print(E.table(result))
+            heads_vs_teachers.figure(rebuilt, output_path(figure), images)
+    wide_console().print(heads_vs_teachers.table(result))
 
 
 def main() -> None:

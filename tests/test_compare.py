@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 import kdkit.train.run
 from kdkit.cli import COMPARE_WIDTH, _table, app
-from kdkit.tools.compare import (MARK, Run, load_run, paired_differences, results_table, seeded_recipe, summarize,
-                            tables, to_markdown, validation_curves)
+from kdkit.tools.compare.report import MARK, results_table, tables, to_markdown
+from kdkit.tools.compare.runs import Run, load_run, validation_curves
+from kdkit.tools.compare.seeds import seeded_recipe
+from kdkit.tools.compare.stats import paired_differences, summarize
 from kdkit.recipe.toml import load_recipe
 from kdkit.store.summary import Summary
 
@@ -277,7 +279,7 @@ def test_validation_curves_gather_every_epoch_of_every_seed(seed_runs):
 
 
 def test_holm_by_hand():
-    from kdkit.tools.compare import holm
+    from kdkit.tools.compare.stats import holm
 
     assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
     assert holm([0.5, 0.9]) == [1.0, 1.0]

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from timm.optim import list_optimizers
 
-from kdkit.recipe import sections as C
+from kdkit.recipe import sections
 from kdkit.errors import RecipeError, did_you_mean
 from kdkit.builder.model import PREDICTIONS
 from kdkit.plugin.discovery import Plugins, default_plugins
@@ -76,15 +76,15 @@ class Experiment:
     recipe: Recipe
     name: str
     seed: int
-    data: C.DataConfig
+    data: sections.DataConfig
     dataset: PluginSpec
     student: PluginSpec
     teachers: dict[str, TeacherSpec]
     heads: dict[str, HeadSpec]
     losses: list[LossTerm]
-    train: C.TrainConfig
-    augment: C.AugmentConfig
-    eval: C.EvalConfig
+    train: sections.TrainConfig
+    augment: sections.AugmentConfig
+    eval: sections.EvalConfig
     callbacks: dict[str, PluginSpec] = field(default_factory=dict)
     teacher_cache: CacheSettings | None = None  # read the teachers' outputs from a cache of views
     student_checkpoint: str = ""  # weights to start the student and its heads from
@@ -152,17 +152,17 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     plugins = plugins or default_plugins()
     t = recipe.table
     for key in t:
-        if key not in C.TOP_LEVEL_KEYS:
-            raise recipe.error(key, f"unknown top-level key{did_you_mean(key, C.TOP_LEVEL_KEYS)}; "
-                               f"valid: {', '.join(sorted(C.TOP_LEVEL_KEYS))}")
+        if key not in sections.TOP_LEVEL_KEYS:
+            raise recipe.error(key, f"unknown top-level key{did_you_mean(key, sections.TOP_LEVEL_KEYS)}; "
+                               f"valid: {', '.join(sorted(sections.TOP_LEVEL_KEYS))}")
     name = _typed(recipe, "name", t.get("name"), str, recipe.path.stem)
     if why := check_name(name):
         raise recipe.error("name", why)
     seed = _typed(recipe, "seed", t.get("seed"), Annotated[int, Range(ge=0)], 0)
 
     data_table = _table(recipe, "data", t.get("data"))
-    core_data = set(C.DataConfig.__dataclass_fields__)
-    data = _core(recipe, C.DataConfig, data_table, "data", keep=data_table.keys() - core_data)
+    core_data = set(sections.DataConfig.__dataclass_fields__)
+    data = _core(recipe, sections.DataConfig, data_table, "data", keep=data_table.keys() - core_data)
     if data.dataset not in plugins.names("dataset"):
         raise recipe.error("data.dataset", f"no dataset plugin named {data.dataset!r}"
                            f"{did_you_mean(data.dataset, plugins.names('dataset'))}; "
@@ -170,13 +170,13 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     own_data = {k: v for k, v in data_table.items() if k not in core_data}
     dataset = _plugin_spec(recipe, plugins, "dataset", {"plugin": data.dataset, **own_data}, "data", {"plugin"})
 
-    train = _core(recipe, C.TrainConfig, _table(recipe, "train", t.get("train")), "train")
-    augment = _core(recipe, C.AugmentConfig, _table(recipe, "augment", t.get("augment")), "augment")
-    evaluation = _core(recipe, C.EvalConfig, _table(recipe, "eval", t.get("eval")), "eval")
+    train = _core(recipe, sections.TrainConfig, _table(recipe, "train", t.get("train")), "train")
+    augment = _core(recipe, sections.AugmentConfig, _table(recipe, "augment", t.get("augment")), "augment")
+    evaluation = _core(recipe, sections.EvalConfig, _table(recipe, "eval", t.get("eval")), "eval")
     _check_train(recipe, data, train, augment)
 
     student_table = _table(recipe, "student", t.get("student"), required=True)
-    student = _plugin_spec(recipe, plugins, "student", student_table, "student", C.STUDENT_KEYS)
+    student = _plugin_spec(recipe, plugins, "student", student_table, "student", sections.STUDENT_KEYS)
     student_checkpoint = _typed(recipe, "student.checkpoint", student_table.get("checkpoint"), str, "")
     if student_checkpoint and not Path(student_checkpoint).is_file():
         raise recipe.error("student.checkpoint", f"no such file: {student_checkpoint}")
@@ -192,7 +192,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
     losses = _losses(recipe, plugins, t.get("losses"), teachers)
     callbacks = {
         cname: _plugin_spec(recipe, plugins, "callback", _table(recipe, f"callbacks.{cname}", table),
-                            f"callbacks.{cname}", C.CALLBACK_KEYS, cname)
+                            f"callbacks.{cname}", sections.CALLBACK_KEYS, cname)
         for cname, table in _table(recipe, "callbacks", t.get("callbacks")).items()
     }
     cache = None if t.get("teacher_cache") is None else \
@@ -203,7 +203,7 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
                       evaluation, callbacks, cache, student_checkpoint)
 
 
-def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossTerm], augment: C.AugmentConfig) -> None:
+def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossTerm], augment: sections.AugmentConfig) -> None:
     """A cache of every logit serves any loss; mixed or top-k outputs only those that need no more than
     the teachers' probabilities at temperature 1."""
     why = "top_k keeps only the largest logits" if cache.top_k else \
@@ -218,7 +218,8 @@ def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossTerm], a
                                ("" if augment.mixing else " or a cache of every class (top_k = 0)"))
 
 
-def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.AugmentConfig) -> None:
+def _check_train(recipe, data: sections.DataConfig, train: sections.TrainConfig,
+                 augment: sections.AugmentConfig) -> None:
     """What the keys' ranges cannot say: how the values relate."""
     if len(augment.crop_scale) != 2 or augment.crop_scale[0] > augment.crop_scale[1]:
         raise recipe.error("augment.crop_scale", "must be two fractions, min then max (min <= max), "
@@ -234,11 +235,11 @@ def _check_train(recipe, data: C.DataConfig, train: C.TrainConfig, augment: C.Au
                            f"{did_you_mean(train.optimizer, list_optimizers())} (any timm optimizer name)")
 
 
-def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> TeacherSpec:
+def _teacher(recipe, plugins, name, table, allow_random, data: sections.DataConfig) -> TeacherSpec:
     key = f"teachers.{name}"
     checkpoint = _typed(recipe, f"{key}.checkpoint", table.get("checkpoint"), str, "")
     pretrained = _typed(recipe, f"{key}.pretrained", table.get("pretrained"), bool, False)
-    precision = _typed(recipe, f"{key}.precision", table.get("precision"), C.Precision, "auto")
+    precision = _typed(recipe, f"{key}.precision", table.get("precision"), sections.Precision, "auto")
     compile_ = _typed(recipe, f"{key}.compile", table.get("compile"), bool, False)
     from kdkit.store.export import is_export  # a kdkit export rebuilds its own model
 
@@ -250,12 +251,12 @@ def _teacher(recipe, plugins, name, table, allow_random, data: C.DataConfig) -> 
         if "plugin" in table:
             raise recipe.error(f"{key}.plugin", "the checkpoint is a kdkit run or student.safetensors, "
                                "which carries its own model: drop 'plugin' and the plugin's keys")
-        extra = (table.keys() - C.TEACHER_KEYS) | ({"classes"} & table.keys())
+        extra = (table.keys() - sections.TEACHER_KEYS) | ({"classes"} & table.keys())
         if extra:
             raise recipe.error(f"{key}.{sorted(extra)[0]}", "unknown key for a teacher loaded from a kdkit export "
                                "(it carries its own model and class names)")
         return TeacherSpec(name, None, checkpoint, False, precision, compile=compile_)
-    spec = _plugin_spec(recipe, plugins, "teacher", table, key, C.TEACHER_KEYS)
+    spec = _plugin_spec(recipe, plugins, "teacher", table, key, sections.TEACHER_KEYS)
     if pretrained and not accepts(plugins.get("teacher", spec.plugin), "pretrained"):
         raise recipe.error(f"{key}.pretrained", f"teacher plugin {spec.plugin!r} has no pretrained weights")
     if not (checkpoint or pretrained or allow_random):
@@ -279,7 +280,8 @@ def _class_names(recipe, key: str, value) -> list[str] | None:
     return value
 
 
-def _teacher_from_recipe(recipe, plugins, name, table, precision, compile_: bool, data: C.DataConfig) -> TeacherSpec:
+def _teacher_from_recipe(recipe, plugins, name, table, precision, compile_: bool,
+                         data: sections.DataConfig) -> TeacherSpec:
     """A teacher trained by its own recipe (``kdkit run`` trains it first if it is not cached)."""
     from kdkit.recipe.toml import load_recipe
 
@@ -293,8 +295,8 @@ def _teacher_from_recipe(recipe, plugins, name, table, precision, compile_: bool
         raise recipe.error(f"{key}.recipe", f"no such recipe file: {path}")
     teacher_recipe = load_recipe(path)
     taught = resolve(teacher_recipe, plugins).data  # a broken teacher recipe is reported now, before anything trains
-    def held_out(d: C.DataConfig):
-        return d.dataset, d.root or C.default_data_root(), d.val_split
+    def held_out(d: sections.DataConfig):
+        return d.dataset, d.root or sections.default_data_root(), d.val_split
 
     if data.val_split > 0 and held_out(taught) != held_out(data):
         raise recipe.error(f"{key}.recipe", f"this run holds out data.val_split = {data.val_split} of the training "
@@ -308,7 +310,7 @@ def _teacher_from_recipe(recipe, plugins, name, table, precision, compile_: bool
 def _head(recipe, plugins, name, table) -> HeadSpec:
     key = f"heads.{name}"
     embedding = _typed(recipe, f"{key}.embedding", table.get("embedding"), str, name)
-    return HeadSpec(name, _plugin_spec(recipe, plugins, "head", table, key, C.HEAD_KEYS, "linear"), embedding)
+    return HeadSpec(name, _plugin_spec(recipe, plugins, "head", table, key, sections.HEAD_KEYS, "linear"), embedding)
 
 
 def _losses(recipe, plugins, value, teachers: dict) -> list[LossTerm]:
@@ -319,7 +321,7 @@ def _losses(recipe, plugins, value, teachers: dict) -> list[LossTerm]:
     specs, terms = [], set()
     for i, table in enumerate(value):
         key = f"losses.{i}"
-        spec = _plugin_spec(recipe, plugins, "loss", table, key, C.LOSS_KEYS)
+        spec = _plugin_spec(recipe, plugins, "loss", table, key, sections.LOSS_KEYS)
         head = _typed(recipe, f"{key}.head", table.get("head"), str, None)
         if head is None:
             raise recipe.error(f"{key}.head", "missing required key: the head whose logits this loss trains")
