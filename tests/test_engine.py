@@ -488,7 +488,7 @@ def test_the_inference_speed_is_images_over_the_timed_seconds(write_recipe, monk
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     predict, batches = trainer.state.model.predict, []
     monkeypatch.setattr(trainer.state.model, "predict", lambda images: batches.append(len(images)) or predict(images))
-    assert trainer.inference_speed(warmup=1, repeats=2) == 2 * 64 / 3.0  # batch_size_eval, at most 64
+    assert trainer.evaluation.inference_speed(trainer.state.model, warmup=1, repeats=2) == 2 * 64 / 3.0  # batch_size_eval, at most 64
     assert batches == [64, 64, 64]  # one warm-up batch, two timed
 
 

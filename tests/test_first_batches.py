@@ -142,7 +142,7 @@ def test_the_check_changes_no_random_stream_no_weight_and_no_statistic(write_rec
     trainer = make_trainer(write_recipe(text), ['augment.rand_augment="rand-m9-mstd0.5-inc1"'])
     before = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
               {k: v.clone() for k, v in trainer.state.model.state_dict().items()})
-    trainer.check_first_batches()
+    trainer.evaluation.check_first_batches(trainer.state.model)
     assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[2])
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), before[1]))
     after = trainer.state.model.state_dict()
@@ -155,7 +155,7 @@ def test_a_run_is_the_same_with_and_without_the_check(write_recipe, tmp_path, mo
                                       'model = "test_resnet"\ndrop_path_rate = 0.1')
     path = write_recipe(text)
     checked = kdkit.run(path, ["train.epochs=1"], out=tmp_path / "checked", allow_random_teachers=True)
-    monkeypatch.setattr(kdkit.train.loop.Trainer, "check_first_batches", lambda self, *start: None)
+    monkeypatch.setattr(kdkit.train.evaluation.Evaluation, "check_first_batches", lambda self, model, *start: None)
     unchecked = kdkit.run(path, ["train.epochs=1"], out=tmp_path / "unchecked", allow_random_teachers=True)
     ours = torch.load(checked / "checkpoints" / "last.pt", weights_only=True)
     theirs = torch.load(unchecked / "checkpoints" / "last.pt", weights_only=True)

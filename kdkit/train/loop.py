@@ -14,72 +14,22 @@ resumed run, given the state a checkpoint holds, continues exactly as if it had 
 """
 from __future__ import annotations
 
-import copy
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
-from timm.scheduler import create_scheduler_v2
 
 from kdkit.builder.build import Built
-from kdkit.recipe.sections import TrainConfig
+from kdkit.builder.model import DistillModel
 from kdkit.errors import KdkitError, RunFailed, RunInterrupted, UnreadableImage, keep_first_error
-from kdkit.builder.model import DistillModel, prediction_names, predictions
-from kdkit.train.precision import autocast
-from kdkit.train.run_view import Run
 from kdkit.store.rundir import RunDir
-from kdkit.train.signals import StopOnSignal
 from kdkit.store.summary import Summary
+from kdkit.train.evaluation import Evaluation
+from kdkit.train.run_view import Run
+from kdkit.train.signals import StopOnSignal
+from kdkit.train.state import TrainState, create_schedule
 from kdkit.train.step import NonFiniteLoss
-from kdkit.train.top1 import top1
-
-
-@dataclass
-class TrainState:
-    """Everything that changes while training: what a checkpoint saves and a resume restores.
-
-    The learning-rate schedule is not saved: it is a function of the recipe and ``step``, rebuilt on
-    resume. No random generator state is saved either: every random draw is seeded from
-    (seed, epoch, sample or step).
-    """
-
-    model: DistillModel
-    optimizer: torch.optim.Optimizer
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer updates so far
-    batch: int = 0  # batches trained in the unfinished epoch
-    sums: dict[str, float] = field(default_factory=dict)  # that epoch's sums of the logged values
-    seen: int = 0  # images trained on in that epoch, by every process together
-    train_s: float = 0.0  # seconds spent training in that epoch
-    best_top1: float = -1.0
-    best_epoch: int = 0
-    best_model: dict | None = None  # the best epoch's weights, kept when a held-out split selects it
-    history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
-
-    PLAIN = ("epoch", "step", "batch", "sums", "seen", "train_s", "best_top1", "best_epoch", "best_model", "history")
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **{key: getattr(self, key) for key in self.PLAIN}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore weights, optimizer moments and counters; the optimizer's hyperparameters stay the recipe's."""
-        self.model.load_state_dict(state["model"])
-        optimizer = self.optimizer.state_dict()
-        optimizer["state"] = state["optimizer"]["state"]
-        self.optimizer.load_state_dict(optimizer)
-        for key in self.PLAIN:
-            setattr(self, key, state[key])
-
-
-def create_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Warmup then cosine, stepped per optimizer update (timm's scheduler, as DeiT uses it)."""
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(cfg.epochs, 1), min_lr=cfg.min_lr,
-                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    return scheduler
 
 
 class _Stop(Exception):
@@ -106,6 +56,7 @@ class Trainer:
         self.state = TrainState(self.parts.model, self.distill_step.optimizer)
         self.scheduler = create_schedule(self.state.optimizer, self.cfg, self.steps_per_epoch)
         self.scheduler.step_update(0)
+        self.evaluation = Evaluation(built)
         self.resumed = False
         self.stop = StopOnSignal()
         self.stop_reason: str | None = None  # a callback's request_stop
@@ -159,7 +110,9 @@ class Trainer:
                         raise _Stop
                 if not self.state.history:  # train.epochs = 0: the student as it came, evaluated
                     self.summary.top1 = self.evaluate()
-                self.summary.update(**self.evaluate_test(), infer_images_per_s=self.inference_speed())
+                model = self.state.model
+                self.summary.update(**self.evaluation.test(model, self.state.best_model, self.summary.top1),
+                                    infer_images_per_s=self.evaluation.inference_speed(model))
                 status = "completed"
             except UnreadableImage as exc:
                 raise RunFailed(f"{exc} ({self.where()}); the run stops, its last checkpoint is kept") from None
@@ -173,28 +126,6 @@ class Trainer:
                 with keep_first_error(sys.exc_info()[1]):  # a second error (the summary cannot be written) is a note
                     self.hook.kdkit_run_end(trainer=self.view, status=status)
 
-    @torch.no_grad()
-    def check_first_batches(self, epoch: int = 0, batch: int = 0) -> None:
-        """Load the first global batch the run trains on from (``epoch``, ``batch``) and one validation
-        batch, and pass them through the student (one micro-batch of the training batch) in eval mode,
-        so unreadable data stops the run before anything is written. Nothing the run uses changes: the
-        items are taken from the datasets as the loaders take them (each training sample seeded by its
-        own key), torch's generators are forked meanwhile, and eval mode updates no BatchNorm statistic."""
-        loaders, model, cfg = self.parts.loaders, self.state.model, self.cfg
-        micro_batch = cfg.batch_size // (self.processes.world * cfg.accum_steps)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                train = [loaders.train.dataset[key] for key in
-                         loaders.sampler.first_global_batch(epoch, batch * cfg.batch_size)]
-                val = [loaders.val.dataset[i] for i in range(min(len(loaders.val.dataset), loaders.val.batch_size))]
-                for items in (train[:micro_batch], val):
-                    if items:  # a resume with a changed batch size may have no batch left in its epoch
-                        with autocast(self.device, cfg.precision):
-                            model(loaders.train.collate_fn(items)[0].to(self.device))
-        finally:
-            model.train(was_training)
 
     def where(self) -> str:
         """Where the run is, for messages: after an epoch, or at a step of the next one."""
@@ -287,63 +218,7 @@ class Trainer:
         self.scheduler.step_update(state.step)
         return result.logged
 
-    # --- evaluation -------------------------------------------------------------------------------
-
-    def evaluate_test(self) -> dict:
-        """The test split's top-1, for the summary: the final student's (``test_top1``, per head and
-        ``eval``) and, when a held-out validation split chose the best epoch, that epoch's student's
-        (``best_test_top1``). Without a held-out split the validation set is the test split."""
-        if self.parts.loaders.test is None:
-            return {"test_top1": self.summary.top1, "best_test_top1": None}
-        best = None
-        if self.state.best_model is not None:
-            best = copy.deepcopy(self.state.model)
-            best.load_state_dict(self.state.best_model)
-        return {"test_top1": self.evaluate(loader=self.parts.loaders.test),
-                "best_test_top1": self.evaluate(best, loader=self.parts.loaders.test)["eval"] if best else None}
-
     def evaluate(self, model: DistillModel | None = None, loader=None) -> dict[str, float]:
-        """Top-1 (%) per head and for the eval prediction (``eval``) on the validation set (or ``loader``).
-
-        ``model`` defaults to the trained one; a plugin may pass another with the same heads (an EMA copy).
-        Each process evaluates its shard and the counts are summed: every image counts exactly once.
-        """
-        model = self.state.model if model is None else model
-
-        def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
-            with autocast(self.device, self.cfg.precision):
-                return predictions(model(images), model.eval_heads)
-
-        was_training = model.training
-        model.eval()
-        try:
-            return top1(predict, prediction_names(list(model.heads)), self.parts.loaders.val if loader is None
-                        else loader, device=self.device, processes=self.processes)
-        finally:
-            model.train(was_training)
-
-    @torch.no_grad()
-    def inference_speed(self, warmup: int = 2, repeats: int = 5) -> float:
-        """Images/s of the eval prediction on a fixed batch (``data.batch_size_eval``, at most 64), timed
-        after ``warmup`` batches with the device synchronised, so a GPU's queued kernels are counted."""
-        model = self.state.model
-        model.eval()
-        batch = torch.zeros(min(64, self.exp.data.batch_size_eval), self.parts.splits.in_chans,
-                            self.exp.data.image_size, self.exp.data.image_size, device=self.device)
-        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        with autocast(self.device, self.cfg.precision):
-            for _ in range(warmup):
-                model.predict(batch)
-            synchronize()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                model.predict(batch)
-            synchronize()
-        model.train()
-        return repeats * len(batch) / (time.perf_counter() - start)
-
-    def teachers_top1(self) -> dict[str, float]:
-        """Validation top-1 (%) of every teacher, on the inputs it gets during training: one pass for all."""
-        step = self.distill_step
-        return top1(step.teacher_logits, list(step.teachers), self.parts.loaders.val, device=self.device,
-                    processes=self.processes)
+        """Top-1 (%) per head and ``eval`` on the validation set (or ``loader``) of ``model``: by default the
+        trained one; a plugin may pass another with the same heads (an EMA copy)."""
+        return self.evaluation.top1(self.state.model if model is None else model, loader)

@@ -2,7 +2,7 @@
 
 Nothing is written until every check has passed: the recipe (``recipe.experiment``), the student's
 one-image forward and the teachers' weights (``builder.parts``), the first training batch and one validation
-batch through the student (``Trainer.check_first_batches``), the teachers' validation
+batch through the student (``Evaluation.check_first_batches``), the teachers' validation
 accuracy, and the run directory (empty, or resumable with the same recipe and teachers).
 """
 from __future__ import annotations
@@ -72,7 +72,8 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     built = Built(exp, parts, build_step(exp, parts, device, processes))
     trainer = Trainer(built, rundir=rundir, hook=plugins.manager.hook, summary=summary)
     start = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint is not None else (0, 0)
-    processes.on_main(lambda: trainer.check_first_batches(*start))  # the data, before anything is written
+    # the data, before anything is written
+    processes.on_main(lambda: trainer.evaluation.check_first_batches(trainer.state.model, *start))
     if checkpoint is None:
         summary.teacher_top1 = evaluate_teachers(trainer, allow_weak_teachers or allow_random_teachers)
         processes.on_main(lambda: rundir.create(recipe.to_toml(), force))
@@ -162,7 +163,7 @@ def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:
     """Each teacher's validation top-1 (%); one at most twice chance is refused (wrong weights,
     normalization or class order?) unless ``allow_weak``, which makes it a warning."""
     chance = 100.0 / trainer.parts.splits.num_classes
-    top1 = trainer.teachers_top1()
+    top1 = trainer.evaluation.teachers_top1()
     for name in top1:
         if top1[name] <= 2 * chance:
             message = (f"teachers.{name}: validation top-1 {top1[name]:.2f}% is at most twice chance "
