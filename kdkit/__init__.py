@@ -18,16 +18,15 @@ def run(recipe_path, overrides=(), out=None, **options):
     return _run(recipe_path, overrides=overrides, out=out, **options)
 
 
-def build(recipe_path, overrides=(), *, train_teachers: bool = False, allow_random_teachers: bool = False,
-          device=None):
-    """A recipe checked and built as ``kdkit run`` builds it, writing nothing: ``.model``, ``.teachers``,
-    ``.loaders`` and ``.step``, the distillation step (``step(images, labels, epoch=, step=)`` makes one
+def build(recipe, overrides=(), *, train_teachers: bool = False, allow_random_teachers: bool = False, device=None):
+    """A recipe (a file, or its table as a dict) checked and built as ``kdkit run`` builds it, writing
+    nothing: ``.model``, ``.teachers``, ``.loaders`` and ``.step``, the distillation step (``step(images, labels, epoch=, step=)`` makes one
     optimizer update and returns its loss terms). A teacher its recipe has not trained yet, or a
     teacher-output cache not built yet, is an error naming the command that makes it, unless
     ``train_teachers``."""
     from kdkit.builder.build import build as _build
 
-    return _build(recipe_path, overrides, train_teachers=train_teachers,
+    return _build(recipe, overrides, train_teachers=train_teachers,
                   allow_random_teachers=allow_random_teachers, device=device)
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,23 @@ def test_building_writes_nothing(write_recipe, tmp_path):
     images, labels = next(iter(built.loaders.train))
     built.step(images, labels, epoch=0, step=0)
     assert files_under(tmp_path, cache) == before
+
+
+def test_a_recipe_given_as_a_dict_builds_as_its_file_does(write_recipe, monkeypatch, tmp_path):
+    path = write_recipe(TWO_TEACHER_RECIPE)
+    table = tomllib.loads(TWO_TEACHER_RECIPE)
+    monkeypatch.chdir(tmp_path)  # a dict's relative paths are the working directory's
+    from_file, from_dict = (kdkit.build(source, ["train.batch_size=8"], allow_random_teachers=True)
+                            for source in (path, {**table, "name": path.stem}))
+    assert from_dict.experiment.recipe.table == from_file.experiment.recipe.table
+    images, labels = next(iter(from_file.loaders.train))
+    assert from_dict.step(images, labels, epoch=0, step=0).logged == from_file.step(images, labels, epoch=0, step=0).logged
+    assert kdkit.build(table, allow_random_teachers=True).experiment.name == "recipe"
+
+
+def test_a_dict_that_no_toml_file_can_hold_is_refused_naming_it():
+    with pytest.raises(KdkitError, match=r"<recipe dict>: not a TOML table"):
+        kdkit.build({"name": "x", "train": {"lr": object()}})
 
 
 def test_an_untrained_teacher_or_an_unbuilt_cache_is_refused_naming_what_makes_it(write_recipe):

@@ -48,13 +48,13 @@ class Built:
         return self.parts.loaders
 
 
-def build(recipe_path, overrides=(), *, train_teachers: bool = False, allow_random_teachers: bool = False,
+def build(recipe, overrides=(), *, train_teachers: bool = False, allow_random_teachers: bool = False,
           device=None) -> Built:
-    """``recipe_path`` with ``overrides`` checked and built, nothing written. A teacher that its recipe
-    has not trained yet, or a teacher-output cache not built yet, is a ``KdkitError`` naming the command
-    that makes it, unless ``train_teachers`` (then they are trained or built, as ``kdkit run`` would)."""
+    """``recipe`` (a file, or a table as a dict: ``load_recipe``) with ``overrides`` checked and built,
+    nothing written. A teacher that its recipe has not trained yet, or a teacher-output cache not built
+    yet, is a ``KdkitError`` naming the command that makes it, unless ``train_teachers`` (then they are trained or built, as ``kdkit run`` would)."""
     plugins = default_plugins()
-    exp = resolve(load_recipe(recipe_path, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
+    exp = resolve(load_recipe(recipe, list(overrides)), plugins, allow_random_teachers=allow_random_teachers)
     device = torch.device(device) if device is not None else Processes().device()  # one process
     parts = build_all_parts(exp, plugins, device, train_teachers=train_teachers, build_caches=train_teachers)
     return Built(exp, parts, build_step(exp, parts, device))

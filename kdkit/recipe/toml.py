@@ -24,6 +24,8 @@ import tomli_w
 
 from kdkit.errors import RecipeError
 
+DICT_SOURCE = "<recipe dict>"  # what messages name as the file of a recipe given as a dict
+
 # Keys whose string values are file paths, resolved against the recipe that wrote them.
 PATH_KEYS = {("data", "root"), ("data", "classes"), ("teachers", "*", "checkpoint"), ("teachers", "*", "recipe"),
              ("teachers", "*", "classes"), ("student", "checkpoint"), ("teacher_cache", "root")}
@@ -124,7 +126,11 @@ def _load_chain(path: Path, origins: dict, seen: tuple = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise RecipeError(f"'extends' forms a cycle: {' -> '.join(str(p) for p in (*seen, path))}", file=path)
-    table = _read(path)
+    return _extend(_read(path), path, origins, seen)
+
+
+def _extend(table: dict, path: Path, origins: dict, seen: tuple = ()) -> dict:
+    """``table`` (read from ``path``) merged over the recipe it ``extends``, its paths made absolute."""
     _absolutize(table, path.parent)
     parent = table.pop("extends", None)
     if parent is None:
@@ -195,16 +201,30 @@ def _list_item(items: list, part: str, key: str):
     return items[int(part)]
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
-    """Read a recipe with its ``extends`` chain, then apply the overrides in order."""
-    path = Path(path).expanduser()
+def load_recipe(source: str | Path | dict, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read a recipe with its ``extends`` chain, then apply the overrides in order. ``source`` is a file,
+    or a recipe table as a dict (from a notebook), whose relative paths and ``extends`` are relative to
+    the working directory and whose ``name`` defaults to "recipe"."""
     origins: dict[str, str] = {}
-    table = _load_chain(path, origins)
+    if isinstance(source, dict):
+        path = Path.cwd() / DICT_SOURCE
+        table = _extend(_plain_table(source), path, origins)
+    else:
+        path = Path(source).expanduser()
+        table = _load_chain(path, origins)
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(table, parts, _relative_to_cwd(parts, value), origins)
-    table.setdefault("name", path.stem)
+    table.setdefault("name", "recipe" if isinstance(source, dict) else path.stem)
     return Recipe(table=table, path=path.resolve(), origins=origins)
+
+
+def _plain_table(source: dict) -> dict:
+    """A copy of a recipe dict holding only what a TOML file can (so that the run's recipe.toml can be written)."""
+    try:
+        return tomllib.loads(tomli_w.dumps(source))
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"not a TOML table: {exc}", file=DICT_SOURCE) from None
 
 
 def diff_tables(old: dict, new: dict) -> list[str]:
