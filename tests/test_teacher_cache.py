@@ -2,6 +2,7 @@
 ones, mixing mixes them as timm mixes the images, builds resume exactly, and mismatches are refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -114,8 +115,8 @@ def test_cached_outputs_are_mixed_as_the_images_are(write_recipe, mixing):
     splits = trainer.parts.splits
     for name in trainer.parts.teachers:
         trainer.parts.teachers[name] = Teacher(LinearProbabilities(), mean=splits.mean, std=splits.std)
-    del trainer.parts.teacher_hashes  # new teachers: new weights, new caches
-    trainer.distill_step.teacher_outputs = teacher_cache.open_caches(trainer.exp, trainer.parts, torch.device("cpu"))
+    fresh = dataclasses.replace(trainer.parts)  # hashes of the new teachers' weights: new caches
+    trainer.distill_step.teacher_outputs = teacher_cache.open_caches(trainer.exp, fresh, torch.device("cpu"))
     trainer.parts.loaders.sampler.set_epoch(0)
     mixed_some = False
     for step, (images, labels, indices, views) in enumerate(trainer.parts.loaders.train):

@@ -6,6 +6,7 @@ builds with; ``build`` adds the distillation step and hands the lot to a user.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +94,12 @@ def build_all_parts(exp: Experiment, plugins: Plugins, device: torch.device, *, 
     with torch.random.fork_rng(devices=[]):  # teachers trained now leave this run's random stream alone
         runs = ensure_teachers(exp, plugins, train_teachers=train_teachers, progress=progress, console=console,
                                processes=processes)
-    parts.teachers = build_teachers(exp, plugins, parts, device, runs)
+    parts = dataclasses.replace(parts, teachers=build_teachers(exp, plugins, parts, device, runs))
     if exp.teacher_cache and caches:
-        parts.teacher_outputs = open_caches(exp, parts, device, build=build_caches, processes=processes,
-                                            progress=BuildProgress(console) if console else None,
-                                            waiting=say(console) if wait_for_caches else None)
+        outputs = open_caches(exp, parts, device, build=build_caches, processes=processes,
+                              progress=BuildProgress(console) if console else None,
+                              waiting=say(console) if wait_for_caches else None)
+        parts = dataclasses.replace(parts, teacher_outputs=outputs)
     return parts
 
 

@@ -30,10 +30,11 @@ from kdkit.builder.teacher import Teacher, weights_hash
 from kdkit.builder.teacher_cache import views_of
 
 
-@dataclass
+@dataclass(frozen=True)
 class Parts:
-    """Everything built from an experiment; ``teachers`` is filled by ``build_teachers``, and
-    ``teacher_outputs`` (their caches, when the recipe reads teachers from a cache) after them."""
+    """Everything built from an experiment. ``build_parts`` builds the student's side; the teachers
+    (``build_teachers``) and their caches (when the recipe reads teachers from a cache) are added by
+    ``dataclasses.replace``, so a ``Parts`` never changes once built."""
 
     splits: DatasetSplits
     train_set: torch.utils.data.Dataset
