@@ -2,7 +2,7 @@
 
 CivT-Ti's shapes (224 px, patch 16, dim 192, 12 blocks; three tokens and heads), random teachers
 (RegNetY-600MF and RedNet-26, the paper's light pair; a RegNetY-600MF alone for the DeiT-style
-row), kdkit's own training step (``Trainer.train_step``: mixing off, AdamW) on one fixed random
+row), kdkit's own training step (``kdkit.build(...).step``: mixing off, AdamW) on one fixed random
 batch, on whatever device is given: on CUDA with bf16 autocast, channels-last convolutional
 teachers and, with ``--compile``, ``torch.compile`` for the student and the teachers. Variants take
 turns within each repeat; the device is synchronised around every step; medians are reported.
@@ -21,7 +21,7 @@ import torch
 
 from _machine import alone
 from _timing import seconds
-from _trainers import trainer_from_recipe
+from _built import built_from_recipe
 
 RECIPE = """
 seed = 0
@@ -70,18 +70,18 @@ def main() -> None:
     device = torch.device(args.device)
     compile_ = str(args.compile).lower()
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {}
+        variants = {}
         for label, teachers in VARIANTS.items():
             blocks = "".join(TEACHER.format(name=t, model=MODELS[t], compile=compile_) for t in teachers)
             text = RECIPE.format(batch=args.batch_size, tokens=str(["cls", *teachers]).replace("'", '"'),
                                  compile=compile_, teachers=blocks)
-            trainers[label] = trainer_from_recipe(text, Path(tmp), label.split(",")[0].replace(" ", "_"), device)
+            variants[label] = built_from_recipe(text, Path(tmp), label.split(",")[0].replace(" ", "_"), device)
         images = torch.randn(args.batch_size, 3, 224, 224)
         labels = torch.randint(0, 1000, (args.batch_size,))
-        times = {label: [] for label in trainers}
+        times = {label: [] for label in variants}
         for repeat in range(args.repeats + 2):  # two warm-up rounds (and compilation) first
-            for label, trainer in trainers.items():
-                took = seconds(lambda: trainer.train_step(images, labels, 0), device)
+            for label, built in variants.items():
+                took = seconds(lambda: built.step(images, labels, epoch=0, step=0), device)
                 if repeat >= 2:
                     times[label].append(took)
     rates = {label: args.batch_size / statistics.median(t) for label, t in times.items()}

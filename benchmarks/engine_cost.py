@@ -1,9 +1,9 @@
 """What kdkit's loop costs over the same work done by hand or by timm, per training step, in one process.
 
-1. DeiT-style distillation (one teacher, a class and a distillation token): ``Trainer.train_step``
+1. DeiT-style distillation (one teacher, a class and a distillation token): kdkit's step (``kdkit.build``)
    against timm's ``TokenDistillationTask`` with a timm distilled ViT of the same shape, the same
    teacher, batch and AdamW. Target: at most 1.05x.
-2. CivT (two teachers, three tokens): ``Trainer.train_step`` against a minimal hand-written PyTorch
+2. CivT (two teachers, three tokens): kdkit's step against a minimal hand-written PyTorch
    step doing the same work (student forward, teachers under no_grad, CE + two KL terms, backward,
    AdamW) on the same batch in memory. Target: at most 1.05x.
 3. The CivT step's achieved multiply-add rate (3x the forward's multiply-adds per image: forward,
@@ -27,10 +27,8 @@ from timm.task import TokenDistillationTask
 
 from _machine import alone
 from _timing import seconds
-from _trainers import trainer_from_recipe
-from kdkit.train.loop import Trainer
-from kdkit.builder.flops import count_flops
-from kdkit.builder.model import Predictor
+import kdkit
+from _built import built_from_recipe
 
 SIZE, PATCH, DIM, DEPTH, HEADS, BATCH, CLASSES = 64, 8, 192, 6, 3, 32, 10
 
@@ -73,9 +71,9 @@ teachers = ["{name}"]
 """
 
 
-def kdkit_trainer(folder: Path, name: str, tokens: list[str], teachers: dict[str, str]) -> Trainer:
+def kdkit_built(folder: Path, name: str, tokens: list[str], teachers: dict[str, str]):
     blocks = "".join(TEACHER.format(name=t, model=m, head=h) for h, (t, m) in zip(tokens[1:], teachers.items()))
-    return trainer_from_recipe(RECIPE.format(tokens=str(tokens).replace("'", '"'), teachers="", losses=blocks),
+    return built_from_recipe(RECIPE.format(tokens=str(tokens).replace("'", '"'), teachers="", losses=blocks),
                                folder, name)
 
 
@@ -94,12 +92,12 @@ def timm_deit_step(images, labels, teacher: torch.nn.Module):
     return step
 
 
-def hand_civt_step(trainer: Trainer, images, labels):
+def hand_civt_step(built, images, labels):
     """The CivT step written out by hand: what kdkit's step does, with nothing around it."""
-    model, teachers = trainer.state.model, trainer.parts.teachers
+    model, teachers = built.model, built.teachers
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     target = F.one_hot(labels, CLASSES).float()
-    mean, std = trainer.distill_step.mean, trainer.distill_step.std
+    mean, std = built.step.mean, built.step.std
 
     def step():
         logits = model(images)
@@ -130,12 +128,12 @@ def main() -> None:
     images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, CLASSES, (BATCH,))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        deit = kdkit_trainer(folder, "deit", ["cls", "dist"], {"teacher": "resnet18"})
-        civt = kdkit_trainer(folder, "civt", ["cls", "conv", "inv"], {"conv": "resnet18", "inv": "resnet26"})
+        deit = kdkit_built(folder, "deit", ["cls", "dist"], {"teacher": "resnet18"})
+        civt = kdkit_built(folder, "civt", ["cls", "conv", "inv"], {"conv": "resnet18", "inv": "resnet26"})
         variants = {
-            "kdkit DeiT-style": lambda: deit.train_step(images, labels, 0),
-            "timm TokenDistillationTask": timm_deit_step(images, labels, deit.parts.teachers["teacher"]),
-            "kdkit CivT": lambda: civt.train_step(images, labels, 0),
+            "kdkit DeiT-style": lambda: deit.step(images, labels, epoch=0, step=0),
+            "timm TokenDistillationTask": timm_deit_step(images, labels, deit.teachers["teacher"]),
+            "kdkit CivT": lambda: civt.step(images, labels, epoch=0, step=0),
             "hand-written CivT": hand_civt_step(civt, images, labels),
         }
         for step in variants.values():
@@ -145,8 +143,8 @@ def main() -> None:
             for name, step in variants.items():
                 times[name].append(seconds(step))
         med = {name: statistics.median(t) for name, t in times.items()}
-        macs = count_flops(Predictor(civt.state.model), images[:1]).total
-        teacher_macs = sum(count_flops(t.model, images[:1]).total for t in civt.parts.teachers.values())
+        macs = kdkit.count_flops(civt.model, images[:1]).total
+        teacher_macs = sum(kdkit.count_flops(t.model, images[:1]).total for t in civt.teachers.values())
     print(f"threads {args.threads}; ViT {SIZE} px, patch {PATCH}, dim {DIM}, depth {DEPTH}; batch {BATCH}; AdamW; "
           f"medians of {args.repeats} steps, variants interleaved")
     for name, value in med.items():

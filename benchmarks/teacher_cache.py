@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from _machine import alone
-from _trainers import trainer_from_recipe
-from kdkit.train.loop import Trainer
+from _built import built_from_recipe, train_epoch
 
 RECIPE = """
 seed = 0
@@ -79,17 +78,16 @@ teachers = ["inv"]
 """
 
 
-def trainer(folder: Path, name: str, images: int, teachers: bool, cache: bool) -> Trainer:
+def built(folder: Path, name: str, images: int, teachers: bool, cache: bool):
     text = RECIPE.format(images=images, tokens='["cls", "conv", "inv"]' if teachers else '["cls"]',
                          teachers=TEACHERS if teachers else "", losses=KL if teachers else "",
                          cache="[teacher_cache]\nviews = 4" if cache else "")
-    return trainer_from_recipe(text, folder, name)
+    return built_from_recipe(text, folder, name)
 
 
-def epoch_seconds(t: Trainer, epoch: int) -> float:
+def epoch_seconds(variant, epoch: int) -> float:
     start = time.perf_counter()
-    t.train_epoch(epoch)
-    t.state.batch = 0  # the benchmark trains the same epoch again, never ends it
+    train_epoch(variant, epoch)
     return time.perf_counter() - start
 
 
@@ -104,15 +102,15 @@ def main() -> None:
         folder = Path(tmp)
         os.environ["KDKIT_CACHE"] = str(folder / "cache")
         start = time.perf_counter()
-        cached = trainer(folder, "cached", args.images, teachers=True, cache=True)
+        cached = built(folder, "cached", args.images, teachers=True, cache=True)
         build = time.perf_counter() - start
-        variants = {"no teachers": trainer(folder, "alone", args.images, teachers=False, cache=False),
-                    "online teachers": trainer(folder, "online", args.images, teachers=True, cache=False),
+        variants = {"no teachers": built(folder, "alone", args.images, teachers=False, cache=False),
+                    "online teachers": built(folder, "online", args.images, teachers=True, cache=False),
                     "cached teachers": cached}
         times = {name: [] for name in variants}
         for repeat in range(args.repeats):
-            for name, t in variants.items():
-                times[name].append(epoch_seconds(t, repeat))
+            for name, variant in variants.items():
+                times[name].append(epoch_seconds(variant, repeat))
         records = {name: json.loads((c.path / "complete.json").read_text())
                    for name, c in cached.parts.teacher_outputs.items()}
     print(f"threads {args.threads}; {args.images} fake 32 px images, batch 64; medians of {args.repeats} epochs, "

@@ -1,6 +1,6 @@
 """kdkit: plugin-based multi-teacher knowledge distillation for PyTorch vision models.
 
-The user API is here (``run``, ``build``, ``load``, ``build_model``); plugins use ``kdkit.api``.
+The user API is here (``run``, ``build``, ``load``, ``build_model``, ``count_flops``); plugins use ``kdkit.api``.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build", "build_model", "load", "run"]
+__all__ = ["__version__", "build", "build_model", "count_flops", "load", "run"]
 
 
 def run(recipe_path, overrides=(), out=None, **options):
@@ -42,6 +42,20 @@ def build_model(kind: str, **table):
     from kdkit.builder.parts import build_model as _build_model
 
     return _build_model(kind, **table)
+
+
+def count_flops(model, image):
+    """Multiply-adds of ``image`` (a batch of one) through ``model``, with every installed plugin's rules (the
+    involution's...): ``.total`` (None when the tracer cannot follow the model) and ``.unsupported``, the
+    operators no rule counts. A kdkit student with its heads is counted on its eval prediction, as
+    ``summary.json``'s ``flops`` is."""
+    from kdkit.builder.flops import count_flops as _count_flops
+    from kdkit.builder.flops import plugin_rules
+    from kdkit.builder.model import DistillModel, Predictor
+    from kdkit.plugin.discovery import default_plugins
+
+    model = Predictor(model) if isinstance(model, DistillModel) else model
+    return _count_flops(model, image, plugin_rules(default_plugins().manager.hook))
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """The published plugin API: everything a kdkit plugin may use, built-in or third-party.
 
 Plugins import this module and nothing else of kdkit (the built-in ones are held to it by a test);
-every other core module is private (its name starts with an underscore) and may change.
+every other core module (under ``kdkit/recipe``, ``plugin``, ``builder``, ``train``, ``store``, ``tools``)
+is internal and may change.
 
 - hooks: ``hookimpl`` marks the functions (or a callback object's methods) that implement the
   hooks of ``kdkit.plugin.hookspecs``: one registration hook per kind, and the run's lifecycle hooks.
@@ -24,21 +25,21 @@ every other core module is private (its name starts with an underscore) and may 
 """
 import warnings
 
-from kdkit.store.checkpoint import save_checkpoint
-from kdkit.recipe.sections import MAX_CLASSES, MAX_IMAGE_SIZE, AugmentConfig, cache_root, default_data_root
 from kdkit.builder.data import DatasetSplits, build_transforms, fingerprint
-from kdkit.errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
-from kdkit.store.export import save as save_export
 from kdkit.builder.flops import traced_shape
-from kdkit.plugin.hookspecs import hookimpl
 from kdkit.builder.images import read_image
 from kdkit.builder.model import PooledStudent
-from kdkit.plugin.discovery import register
-from kdkit.train.run_view import Run
-from kdkit.store.rundir import RunDir
-from kdkit.recipe.schema import Range
-from kdkit.store.summary import Summary
 from kdkit.builder.teacher import teacher_log_probs
+from kdkit.errors import KdkitError, RunFailed, UnreadableImage, did_you_mean, keep_first_error
+from kdkit.plugin.discovery import register
+from kdkit.plugin.hookspecs import hookimpl
+from kdkit.recipe.schema import Range
+from kdkit.recipe.sections import MAX_CLASSES, MAX_IMAGE_SIZE, AugmentConfig, cache_root, default_data_root
+from kdkit.store.checkpoint import save_checkpoint
+from kdkit.store.export import save as save_export
+from kdkit.store.rundir import RunDir
+from kdkit.store.summary import Summary
+from kdkit.train.run_view import Run
 
 __all__ = [
     "MAX_CLASSES", "MAX_IMAGE_SIZE", "AugmentConfig", "DatasetSplits", "KdkitError", "PooledStudent", "Range",

@@ -282,9 +282,9 @@ def flops(targets: List[Path] = typer.Argument(..., help="Recipe TOML files and/
     """Multiply-adds of one image through each student's eval prediction (what summary.json's flops counts)."""
     import torch
 
-    from kdkit.recipe.experiment import resolve
     from kdkit.builder.parts import build_parts
     from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.experiment import resolve
     from kdkit.recipe.toml import load_recipe
     from kdkit.store.rundir import RunDir
     from kdkit.train.run import student_flops

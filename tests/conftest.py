@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import kdkit
 from kdkit.cli import app
-from kdkit.train.loop import Trainer
 from kdkit.plugin.discovery import Plugins, default_plugins
 from kdkit.store.rundir import RunDir
+from kdkit.train.loop import Trainer
 from kdkit_plugins import involution_fused
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 import kdkit.train.run
 from kdkit.cli import COMPARE_WIDTH, _table, app
+from kdkit.recipe.toml import load_recipe
+from kdkit.store.summary import Summary
 from kdkit.tools.compare.report import MARK, results_table, tables, to_markdown
 from kdkit.tools.compare.runs import Run, load_run, validation_curves
 from kdkit.tools.compare.seeds import seeded_recipe
 from kdkit.tools.compare.stats import paired_differences, summarize
-from kdkit.recipe.toml import load_recipe
-from kdkit.store.summary import Summary
 
 from conftest import TWO_TEACHER_RECIPE
 

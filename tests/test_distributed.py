@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import kdkit
-from kdkit.train.processes import collective_timeout_s
 from kdkit.errors import KdkitError
+from kdkit.train.processes import collective_timeout_s
 
 from conftest import make_distribution
 

@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer, plugins_with
 from kdkit import api
-from kdkit.train.processes import Processes
 from kdkit.errors import KdkitError, RunInterrupted
 from kdkit.train.precision import autocast
+from kdkit.train.processes import Processes
 from kdkit.train.signals import StopOnSignal
 from kdkit.train.step import DROP_PATH_STREAM, NonFiniteLoss
 from kdkit.train.top1 import Top1

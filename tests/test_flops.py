@@ -92,3 +92,5 @@ def test_the_flops_command_counts_what_a_run_records(cli, tmp_path):
     result = cli("flops", recipe, out)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [f"{recipe}: {flops}", f"{out}: {flops}"]
+    built = kdkit.build(recipe, allow_random_teachers=True)
+    assert kdkit.count_flops(built.model, torch.zeros(1, 3, 32, 32)).total == flops  # the public function

@@ -12,9 +12,9 @@ from PIL import Image
 
 import kdkit
 import kdkit_plugins.datasets as datasets
-from kdkit.recipe.sections import AugmentConfig
-from kdkit.errors import UnreadableImage
 from kdkit.builder.images import read_image
+from kdkit.errors import UnreadableImage
+from kdkit.recipe.sections import AugmentConfig
 
 from conftest import TWO_TEACHER_RECIPE
 

@@ -95,8 +95,8 @@ from pathlib import Path
 
 import kdkit
 from kdkit.store import lock
-from kdkit.train.run import build_teacher_caches
 from kdkit.store.rundir import RunDir
+from kdkit.train.run import build_teacher_caches
 
 kind, folder, recipe = sys.argv[1:]
 if kind == "cache":
@@ -195,9 +195,9 @@ class Console:
 
 
 def test_a_teacher_trained_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch):
+    from kdkit.builder.build import teacher_run_dir
     from kdkit.plugin.discovery import default_plugins
     from kdkit.recipe.toml import load_recipe
-    from kdkit.builder.build import teacher_run_dir
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     teacher = tmp_path / "teacher.toml"
@@ -230,11 +230,11 @@ views = 1
 
 def test_a_teacher_output_cache_built_elsewhere_is_waited_for_then_reused(tmp_path, monkeypatch, cli):
     from kdkit.builder import teacher_cache
-    from kdkit.recipe.sections import cache_root
-    from kdkit.recipe.experiment import resolve
-    from kdkit.plugin.discovery import default_plugins
-    from kdkit.recipe.toml import load_recipe
     from kdkit.builder.build import build_all_parts
+    from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.experiment import resolve
+    from kdkit.recipe.sections import cache_root
+    from kdkit.recipe.toml import load_recipe
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "cached.toml"

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import kdkit
 from kdkit.errors import PluginError
 from kdkit.plugin.discovery import Plugins, PluginWarning
 
@@ -121,22 +122,35 @@ def test_plugins_command_lists_kinds_keys_and_distributions(cli):
     assert table.exit_code == 0 and "linear" in table.stdout
 
 
-def test_builtin_plugins_use_only_the_published_api():
-    """The built-in plugins import ``kdkit.api`` and nothing else of kdkit, as a third-party plugin would."""
+def kdkit_imports(folder: str) -> list[tuple[str, str]]:
+    """(file, module) for every import of kdkit or one of its modules in ``folder``'s Python files."""
     import ast
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "plugins").glob("*.py")):
+    found = []
+    for path in sorted((Path(__file__).parents[1] / folder).glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
+            elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] if node.module != "kdkit" else [f"kdkit.{a.name}" for a in node.names]
             else:
                 continue
-            for name in names:
-                if name == "kdkit" or name.startswith("kdkit."):
-                    assert name == "kdkit.api", f"{path.name} imports {name}"
+            found += [(path.name, name) for name in names if name == "kdkit" or name.startswith("kdkit.")]
+    return found
+
+
+def test_builtin_plugins_use_only_the_published_api():
+    """The built-in plugins import ``kdkit.api`` and nothing else of kdkit, as a third-party plugin would."""
+    imports = kdkit_imports("plugins")
+    assert imports and all(name == "kdkit.api" for _, name in imports), imports
+
+
+def test_benchmarks_use_only_the_public_api():
+    """The benchmarks build what they time with ``kdkit.build`` and count with ``kdkit.count_flops``, as a user would."""
+    imports = kdkit_imports("benchmarks")
+    assert imports and all(name == "kdkit" or name in (f"kdkit.{n}" for n in kdkit.__all__) for _, name in imports), \
+        imports
 
 
 def test_the_api_exports_what_it_lists():

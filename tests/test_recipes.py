@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import kdkit
-from kdkit.recipe.experiment import resolve
 from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.experiment import resolve
 from kdkit.recipe.toml import load_recipe
 
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").rglob("*.toml") if not p.name.startswith("_"))

@@ -137,9 +137,9 @@ def test_a_released_checkpoint_loads_as_a_student_and_is_evaluated_untrained(rel
         """)
     out = kdkit.run(recipe, out=tmp_path / "run")
     summary = json.loads((out / "summary.json").read_text())
-    from kdkit.recipe.experiment import resolve
     from kdkit.builder.parts import build_splits
     from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.experiment import resolve
     from kdkit.recipe.toml import load_recipe
 
     val = build_splits(resolve(load_recipe(recipe)), default_plugins()).val

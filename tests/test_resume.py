@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 import kdkit
 from kdkit.cli import app
-from kdkit.train.step import DistillStep
 from kdkit.plugin.discovery import default_plugins
+from kdkit.train.step import DistillStep
 
 from conftest import TWO_TEACHER_RECIPE, contributing_example, make_distribution, make_trainer
 

@@ -11,8 +11,8 @@ import torch
 
 import kdkit
 from kdkit.errors import KdkitError
-from kdkit.store.export import read_meta
 from kdkit.recipe.toml import load_recipe
+from kdkit.store.export import read_meta
 
 from conftest import TWO_TEACHER_RECIPE
 
@@ -206,9 +206,9 @@ def test_a_broken_teacher_recipe_is_reported_before_anything_trains(write_recipe
 def test_a_held_out_validation_split_selects_and_the_test_split_reports(write_recipe, tmp_path):
     """With data.val_split the epochs are compared on held-out training images; the test split is
     evaluated once, at the end, for the final student and for the epoch validation chose."""
-    from kdkit.recipe.experiment import resolve
     from kdkit.builder.parts import build_splits
     from kdkit.plugin.discovery import default_plugins
+    from kdkit.recipe.experiment import resolve
     from kdkit.recipe.toml import load_recipe
 
     recipe = write_recipe(TWO_TEACHER_RECIPE)

@@ -12,10 +12,10 @@ from torch import nn
 
 from kdkit.builder import teacher_cache
 from kdkit.builder.data import replay, view_of, view_seed
+from kdkit.builder.teacher import Teacher
 from kdkit.errors import KdkitError
 from kdkit.recipe.experiment import resolve
 from kdkit.recipe.toml import load_recipe
-from kdkit.builder.teacher import Teacher
 
 from conftest import TWO_TEACHER_RECIPE, make_trainer
 

@@ -11,10 +11,10 @@ from PIL import Image
 
 import kdkit
 from kdkit.builder.build import teacher_run_dir
-from kdkit.errors import KdkitError
-from kdkit.recipe.experiment import resolve
 from kdkit.builder.parts import build_parts, build_teachers
+from kdkit.errors import KdkitError
 from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.experiment import resolve
 from kdkit.recipe.toml import load_recipe
 
 from test_datasets import make_tree

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from kdkit.recipe.sections import cache_root
-from kdkit.train.processes import Processes
-from kdkit.recipe.experiment import Experiment, resolve
 from kdkit.builder.parts import Parts, build_parts, build_splits, build_teachers
+from kdkit.builder.teacher_cache import open_caches
 from kdkit.plugin.discovery import Plugins, default_plugins
+from kdkit.recipe.experiment import Experiment, resolve
+from kdkit.recipe.sections import cache_root
 from kdkit.recipe.toml import Recipe, load_recipe
 from kdkit.store.rundir import RunDir
+from kdkit.train.processes import Processes
 from kdkit.train.step import DistillStep, build_step
-from kdkit.builder.teacher_cache import open_caches
 
 
 @dataclass

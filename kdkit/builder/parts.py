@@ -15,19 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdkit.store import export as export
-from kdkit.store.checkpoint import load_weights
-from kdkit.recipe.sections import default_data_root
-from kdkit.train.processes import Processes
 from kdkit.builder.data import DatasetSplits, Loaders, build_loaders, indices_of, split_datasets
-from kdkit.errors import KdkitError
-from kdkit.recipe.experiment import Experiment, check_heads
 from kdkit.builder.model import DistillModel, Predictor, build_distill_model
-from kdkit.plugin.discovery import Plugins, default_plugins
-from kdkit.train.precision import uses_bf16
-from kdkit.recipe.schema import check_table
 from kdkit.builder.teacher import Teacher, weights_hash
 from kdkit.builder.teacher_cache import views_of
+from kdkit.errors import KdkitError
+from kdkit.plugin.discovery import Plugins, default_plugins
+from kdkit.recipe.experiment import Experiment, check_heads
+from kdkit.recipe.schema import check_table
+from kdkit.recipe.sections import default_data_root
+from kdkit.store import export as export
+from kdkit.store.checkpoint import load_weights
+from kdkit.train.precision import uses_bf16
+from kdkit.train.processes import Processes
 
 
 @dataclass(frozen=True)

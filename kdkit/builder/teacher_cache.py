@@ -47,15 +47,15 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from kdkit.store import lock
-from kdkit.errors import reason
-from kdkit.store.atomic import atomic_write
-from kdkit.recipe.sections import MAX_CLASSES, MAX_EPOCHS, cache_root
 from kdkit.builder.data import fingerprint, replay
-from kdkit.train.processes import Processes
+from kdkit.errors import reason
 from kdkit.errors import KdkitError
-from kdkit.recipe.toml import diff_tables
 from kdkit.recipe.schema import Range
+from kdkit.recipe.sections import MAX_CLASSES, MAX_EPOCHS, cache_root
+from kdkit.recipe.toml import diff_tables
+from kdkit.store import lock
+from kdkit.store.atomic import atomic_write
+from kdkit.train.processes import Processes
 
 CHUNK = 256  # images per chunk: the unit of building, resuming and sharding
 FORMAT = 1

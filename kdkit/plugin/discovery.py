@@ -18,8 +18,8 @@ from importlib.metadata import entry_points
 import pluggy
 from mmengine.registry import Registry
 
-from kdkit.plugin import hookspecs as hookspecs
 from kdkit.errors import KdkitError, PluginError, did_you_mean
+from kdkit.plugin import hookspecs as hookspecs
 
 ENTRY_POINT_GROUP = "kdkit"
 

@@ -11,14 +11,14 @@ from typing import Annotated
 
 from timm.optim import list_optimizers
 
-from kdkit.recipe import sections
-from kdkit.errors import RecipeError, did_you_mean
 from kdkit.builder.model import PREDICTIONS
+from kdkit.builder.teacher_cache import CacheSettings
+from kdkit.errors import RecipeError, did_you_mean
 from kdkit.plugin.discovery import Plugins, default_plugins
+from kdkit.recipe import sections
+from kdkit.recipe.schema import OutOfRange, Range, accepts, check_table, conform, type_name
 from kdkit.recipe.toml import Recipe
 from kdkit.store.rundir import check_name
-from kdkit.recipe.schema import OutOfRange, Range, accepts, check_table, conform, type_name
-from kdkit.builder.teacher_cache import CacheSettings
 
 
 @dataclass

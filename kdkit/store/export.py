@@ -12,11 +12,11 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from kdkit.errors import reason
-from kdkit.store.atomic import atomic_write
-from kdkit.errors import KdkitError
 from kdkit.builder.model import DistillModel, build_distill_model
+from kdkit.errors import reason
+from kdkit.errors import KdkitError
 from kdkit.recipe.schema import check_table
+from kdkit.store.atomic import atomic_write
 
 FILENAME = "student.safetensors"
 META_KEY = "kdkit"

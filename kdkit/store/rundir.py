@@ -17,10 +17,10 @@ import timm
 import torch
 
 import kdkit
-from kdkit.store import lock
 from kdkit.errors import reason
-from kdkit.store.atomic import atomic_write, leftover_temporaries
 from kdkit.errors import KdkitError
+from kdkit.store import lock
+from kdkit.store.atomic import atomic_write, leftover_temporaries
 from kdkit.store.summary import Summary
 
 MARKER = ".kdkit-run"  # "kdkit made this directory": what --force asks before emptying one

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from kdkit.builder.build import teacher_runs, untrained
-from kdkit.recipe.experiment import resolve
 from kdkit.builder.parts import build_parts, build_teachers
 from kdkit.plugin.discovery import default_plugins
+from kdkit.recipe.experiment import resolve
 from kdkit.recipe.toml import load_recipe
 from kdkit.train.run import student_flops
 

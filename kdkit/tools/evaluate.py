@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from kdkit.store import export as export
 from kdkit.builder.build import build_all_parts
-from kdkit.train.processes import Processes
-from kdkit.errors import KdkitError
-from kdkit.recipe.experiment import Experiment, resolve
 from kdkit.builder.model import DistillModel, prediction_names, predictions
 from kdkit.builder.parts import Parts
+from kdkit.errors import KdkitError
 from kdkit.plugin.discovery import default_plugins
-from kdkit.train.precision import autocast
+from kdkit.recipe.experiment import Experiment, resolve
 from kdkit.recipe.toml import load_recipe
+from kdkit.store import export as export
 from kdkit.store.rundir import RunDir
+from kdkit.train.precision import autocast
+from kdkit.train.processes import Processes
 from kdkit.train.top1 import Top1
 
 

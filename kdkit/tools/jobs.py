@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdkit.train.signals import StopOnSignal
 from kdkit.errors import RunFailed, RunInterrupted
 from kdkit.store.rundir import RunDir
+from kdkit.train.signals import StopOnSignal
 
 
 @dataclass

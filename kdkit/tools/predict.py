@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from kdkit.recipe.sections import AugmentConfig
 from kdkit.builder.data import build_transforms
-from kdkit.store.export import load
 from kdkit.builder.images import read_image
+from kdkit.recipe.sections import AugmentConfig
+from kdkit.store.export import load
 
 
 def predict_files(model_path: str | Path, images: list[Path], top: int = 5) -> list[tuple[Path, list]]:

@@ -12,23 +12,23 @@ from pathlib import Path
 
 import torch
 
-from kdkit.store.checkpoint import check_fits, load_checkpoint
 from kdkit.builder.build import Built, build_all_parts
-from kdkit.recipe.sections import RUN_CALLBACKS
-from kdkit.train.processes import Processes
-from kdkit.train.processes import processes as current_processes
-from kdkit.train.loop import Trainer
-from kdkit.errors import KdkitError
-from kdkit.recipe.experiment import Experiment, resolve
 from kdkit.builder.flops import FlopCount, count_flops, plugin_rules
 from kdkit.builder.model import Predictor
 from kdkit.builder.parts import Parts
-from kdkit.plugin.discovery import Plugins, default_plugins
-from kdkit.recipe.toml import Recipe, diff_tables, load_recipe
-from kdkit.store.rundir import RunDir, default_run_dir, provenance
-from kdkit.train.step import build_step
-from kdkit.store.summary import Summary
 from kdkit.builder.teacher_cache import summary_of
+from kdkit.errors import KdkitError
+from kdkit.plugin.discovery import Plugins, default_plugins
+from kdkit.recipe.experiment import Experiment, resolve
+from kdkit.recipe.sections import RUN_CALLBACKS
+from kdkit.recipe.toml import Recipe, diff_tables, load_recipe
+from kdkit.store.checkpoint import check_fits, load_checkpoint
+from kdkit.store.rundir import RunDir, default_run_dir, provenance
+from kdkit.store.summary import Summary
+from kdkit.train.loop import Trainer
+from kdkit.train.processes import Processes
+from kdkit.train.processes import processes as current_processes
+from kdkit.train.step import build_step
 
 
 class TeacherWarning(UserWarning):

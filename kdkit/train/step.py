@@ -23,16 +23,16 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from kdkit.recipe.sections import TrainConfig
 from kdkit.builder.data import Targets, sample_seed
-from kdkit.train.processes import Processes
-from kdkit.errors import RunFailed
-from kdkit.recipe.experiment import Experiment, LossTerm
 from kdkit.builder.model import DistillModel
 from kdkit.builder.parts import Parts
-from kdkit.train.precision import autocast
 from kdkit.builder.teacher import Teacher
 from kdkit.builder.teacher_cache import mix_teacher_outputs
+from kdkit.errors import RunFailed
+from kdkit.recipe.experiment import Experiment, LossTerm
+from kdkit.recipe.sections import TrainConfig
+from kdkit.train.precision import autocast
+from kdkit.train.processes import Processes
 
 DROP_PATH_STREAM = 0x64726F70  # "drop": the per-step seed of drop-path and dropout
 

@@ -131,10 +131,10 @@ def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "run
 def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_random_teachers: bool = False,
                     allow_weak_teachers: bool = False) -> dict[str, float]:
     """Train the missing runs in subprocesses, shared parts first (``kdkit.tools.jobs``); each stage's wall time."""
+    from kdkit.builder.build import teacher_runs, untrained
+    from kdkit.plugin.discovery import default_plugins
     from kdkit.recipe.experiment import resolve
     from kdkit.tools.jobs import Job, run_command, run_jobs
-    from kdkit.plugin.discovery import default_plugins
-    from kdkit.builder.build import teacher_runs, untrained
 
     random_ok = ["--allow-random-teachers"] if allow_random_teachers else []  # a cache build scores no teacher
     flags = [*random_ok, *(["--allow-weak-teachers"] if allow_weak_teachers else [])]
