@@ -8,6 +8,17 @@ import torch
 
 import kdkit
 
+CIVT_KL = """
+[[losses]]
+plugin = "kl"
+head = "conv"
+teachers = ["conv"]
+[[losses]]
+plugin = "kl"
+head = "inv"
+teachers = ["inv"]
+"""  # CivT's two distillation terms, one per distillation token and teacher
+
 
 def built_from_recipe(text: str, folder: Path, name: str, device: torch.device = torch.device("cpu")):
     """``kdkit.build`` of recipe ``text`` (random teachers allowed, teacher-output caches built where missing);

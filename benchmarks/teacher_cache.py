@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from _machine import alone
-from _built import built_from_recipe, train_epoch
+from _built import CIVT_KL, built_from_recipe, train_epoch
 
 RECIPE = """
 seed = 0
@@ -66,21 +66,11 @@ depth = 26
 width = 0.25
 small_input = true
 """
-KL = """
-[[losses]]
-plugin = "kl"
-head = "conv"
-teachers = ["conv"]
-[[losses]]
-plugin = "kl"
-head = "inv"
-teachers = ["inv"]
-"""
 
 
 def built(folder: Path, name: str, images: int, teachers: bool, cache: bool):
     text = RECIPE.format(images=images, tokens='["cls", "conv", "inv"]' if teachers else '["cls"]',
-                         teachers=TEACHERS if teachers else "", losses=KL if teachers else "",
+                         teachers=TEACHERS if teachers else "", losses=CIVT_KL if teachers else "",
                          cache="[teacher_cache]\nviews = 4" if cache else "")
     return built_from_recipe(text, folder, name)
 

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from _built import built_from_recipe
+from _built import CIVT_KL, built_from_recipe
 from _machine import alone
 from _timing import seconds
 
@@ -43,14 +43,7 @@ model = "test_resnet"
 [[losses]]
 plugin = "ce"
 head = "cls"
-[[losses]]
-plugin = "kl"
-head = "conv"
-teachers = ["conv"]
-[[losses]]
-plugin = "kl"
-head = "inv"
-teachers = ["inv"]
+{kl}
 [train]
 batch_size = 8
 [eval]
@@ -63,7 +56,7 @@ def civt_ti(eval_heads: str, device: torch.device) -> nn.Module:
     not timed): the student with its heads, whose ``predict`` is the eval prediction."""
     heads = '["cls", "conv", "inv"]' if eval_heads == "all" else '["cls"]'
     with tempfile.TemporaryDirectory() as tmp:
-        return built_from_recipe(RECIPE.format(eval_heads=heads), Path(tmp), "civt_ti", device).model
+        return built_from_recipe(RECIPE.format(eval_heads=heads, kl=CIVT_KL), Path(tmp), "civt_ti", device).model
 
 
 @torch.inference_mode()
