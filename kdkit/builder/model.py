@@ -48,7 +48,6 @@ def combine(logits: dict[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
     return torch.stack([logits[name].float() for name in heads]).mean(0)
 
 
-PREDICTIONS = ("eval", "heads_mean")  # names the heads cannot take: evaluation reports these too
 
 
 def prediction_names(heads: list[str]) -> list[str]:

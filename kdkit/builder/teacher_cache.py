@@ -36,9 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import PIL
@@ -50,8 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdkit.builder.data import fingerprint, replay
 from kdkit.errors import reason
 from kdkit.errors import KdkitError
-from kdkit.recipe.schema import Range
-from kdkit.recipe.sections import MAX_CLASSES, MAX_EPOCHS, cache_root
+from kdkit.recipe.sections import CacheSettings, cache_root
 from kdkit.recipe.toml import diff_tables
 from kdkit.store import lock
 from kdkit.store.atomic import atomic_write
@@ -59,17 +57,6 @@ from kdkit.train.processes import Processes
 
 CHUNK = 256  # images per chunk: the unit of building, resuming and sharding
 FORMAT = 1
-
-
-@dataclass
-class CacheSettings:
-    """``[teacher_cache]``: read the teachers' outputs from a cache of pre-drawn views instead of running them."""
-
-    # views per training image; 0 = train.epochs * augment.repeated_aug
-    views: Annotated[int, Range(ge=0, le=MAX_EPOCHS)] = 0
-    # 0 = every class's logit; k > 0 = the k largest logits and the log-sum-exp
-    top_k: Annotated[int, Range(ge=0, le=MAX_CLASSES)] = 0
-    root: str = ""  # where the caches live; default $KDKIT_CACHE/teacher_outputs
 
 
 class TeacherOutputs:

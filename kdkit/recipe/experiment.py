@@ -11,8 +11,6 @@ from typing import Annotated
 
 from timm.optim import list_optimizers
 
-from kdkit.builder.model import PREDICTIONS
-from kdkit.builder.teacher_cache import CacheSettings
 from kdkit.errors import RecipeError, did_you_mean
 from kdkit.plugin.discovery import Plugins, default_plugins
 from kdkit.recipe import sections
@@ -86,7 +84,7 @@ class Experiment:
     augment: sections.AugmentConfig
     eval: sections.EvalConfig
     callbacks: dict[str, PluginSpec] = field(default_factory=dict)
-    teacher_cache: CacheSettings | None = None  # read the teachers' outputs from a cache of views
+    teacher_cache: sections.CacheSettings | None = None  # read the teachers' outputs from a cache of views
     student_checkpoint: str = ""  # weights to start the student and its heads from
 
     @property
@@ -196,14 +194,15 @@ def resolve(recipe: Recipe, plugins: Plugins | None = None, *, allow_random_teac
         for cname, table in _table(recipe, "callbacks", t.get("callbacks")).items()
     }
     cache = None if t.get("teacher_cache") is None else \
-        _core(recipe, CacheSettings, _table(recipe, "teacher_cache", t["teacher_cache"]), "teacher_cache")
+        _core(recipe, sections.CacheSettings, _table(recipe, "teacher_cache", t["teacher_cache"]), "teacher_cache")
     if cache is not None:
         _check_teacher_cache(recipe, cache, losses, augment)
     return Experiment(recipe, name, seed, data, dataset, student, teachers, heads, losses, train, augment,
                       evaluation, callbacks, cache, student_checkpoint)
 
 
-def _check_teacher_cache(recipe, cache: CacheSettings, losses: list[LossTerm], augment: sections.AugmentConfig) -> None:
+def _check_teacher_cache(recipe, cache: sections.CacheSettings, losses: list[LossTerm],
+                         augment: sections.AugmentConfig) -> None:
     """A cache of every logit serves any loss; mixed or top-k outputs only those that need no more than
     the teachers' probabilities at temperature 1."""
     why = "top_k keeps only the largest logits" if cache.top_k else \
@@ -354,7 +353,7 @@ def check_heads(exp: Experiment, embedding_dims: dict[str, int]) -> dict[str, He
         if emb not in read:
             heads.setdefault(emb, HeadSpec(emb, PluginSpec("head", "linear", {}, f"heads.{emb}"), emb))
     for name, head in heads.items():
-        if name in PREDICTIONS:
+        if name in sections.PREDICTIONS:
             raise exp.recipe.error(f"heads.{name}", f"{name!r} names a prediction kdkit reports; choose another name")
         if head.embedding not in embedding_dims:
             raise exp.recipe.error(f"heads.{name}.embedding", f"the student has no embedding {head.embedding!r}"

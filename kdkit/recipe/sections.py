@@ -103,6 +103,19 @@ class EvalConfig:
 
 
 # Core keys of the plugin tables (the rest of each table goes to the plugin factory).
+@dataclass
+class CacheSettings:
+    """``[teacher_cache]``: read the teachers' outputs from a cache of pre-drawn views instead of running them."""
+
+    # views per training image; 0 = train.epochs * augment.repeated_aug
+    views: Annotated[int, Range(ge=0, le=MAX_EPOCHS)] = 0
+    # 0 = every class's logit; k > 0 = the k largest logits and the log-sum-exp
+    top_k: Annotated[int, Range(ge=0, le=MAX_CLASSES)] = 0
+    root: str = ""  # where the caches live; default $KDKIT_CACHE/teacher_outputs
+
+
+PREDICTIONS = ("eval", "heads_mean")  # names the heads cannot take: evaluation reports these too
+
 STUDENT_KEYS = {"plugin", "checkpoint"}
 TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes", "compile"}
 HEAD_KEYS = {"plugin", "embedding"}
