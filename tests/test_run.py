@@ -235,3 +235,13 @@ def test_a_unicode_teacher_name_gives_a_run_that_reloads(write_recipe, cli, tmp_
     written = load_recipe(tmp_path / "out" / "recipe.toml")
     assert written.table == load_recipe(recipe, overrides).table
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["recipe_hash"] == written.hash()
+
+
+def test_a_run_in_this_process_leaves_no_loader_worker_behind(write_recipe, tmp_path):
+    """A notebook's ``kdkit.run`` with loader workers: they end with the run, not at some later garbage
+    collection (which waited seconds for each in vain)."""
+    import multiprocessing
+
+    recipe = write_recipe(TWO_TEACHER_RECIPE.replace("workers = 0", "workers = 2"))
+    kdkit.run(recipe, ["train.epochs=1"], out=tmp_path / "run", allow_random_teachers=True)
+    assert multiprocessing.active_children() == []

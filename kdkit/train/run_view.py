@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,7 +40,10 @@ class Run:
     ``resumed``. Methods: ``evaluate(model)``, ``checkpoint()``, ``request_stop(reason)``."""
 
     def __init__(self, trainer: Trainer):
-        self._trainer = trainer  # the engine's, for the engine's own tests only
+        # The engine's, for the engine's own tests only. Weakly: the trainer holds its view, and a cycle
+        # would keep the run (its loader workers too) alive until a garbage collection, whose shutdown
+        # of the workers waits for each in vain (torch's queues are finalized first).
+        self._trainer = weakref.proxy(trainer)
 
     epoch = _read("state", "epoch")
     batch = _read("state", "batch")
