@@ -199,3 +199,19 @@ def test_a_run_trains_from_the_cache_and_records_it(write_recipe, cli, tmp_path,
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["teacher_cache"]) == {"conv", "other"}
     assert summary["teacher_cache"]["conv"]["views"] == 3 and summary["teacher_top1"]  # live teachers still scored
+
+
+def test_compare_plans_one_cache_job_per_cache_not_per_recipe(write_recipe):
+    """``compare --jobs``: a recipe whose caches an earlier one builds needs no job of its own; one that
+    changes what its views depend on, or its teachers, does; the seed changes nothing."""
+    from kdkit.tools.compare.runs import cache_identities
+
+    def identities(*overrides):
+        exp = resolve(load_recipe(write_recipe(CACHED), list(overrides)), allow_random_teachers=True)
+        return cache_identities(exp, {})
+
+    first = identities()
+    assert len(first) == 2 and identities("seed=1", "train.lr=1e-3", "losses.0.weight=0.5") == first
+    for changed in (["teacher_cache.views=4"], ['augment.crop_scale=[0.5, 1.0]'], ["data.train_size=16"]):
+        assert identities(*changed).isdisjoint(first), changed
+    assert len(identities('teachers.other.model="resnet10t"') & first) == 1  # the other teacher's cache is new

@@ -139,25 +139,41 @@ def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_rando
     random_ok = ["--allow-random-teachers"] if allow_random_teachers else []  # a cache build scores no teacher
     flags = [*random_ok, *(["--allow-weak-teachers"] if allow_weak_teachers else [])]
     plugins = default_plugins()
-    teachers, caches = {}, {}
+    teachers, caches, cached = {}, [], set()
     for plan in todo:
         exp = resolve(plan.recipe, plugins, allow_random_teachers=True)
-        for name, out in untrained(teacher_runs(exp, plugins)).items():
+        runs = teacher_runs(exp, plugins)
+        for name, out in untrained(runs).items():
             if out not in teachers:
                 recipe = exp.teachers[name].recipe
                 teachers[out] = run_command(f"teacher {recipe.table['name']}", recipe.path, (), out, flags)
-        if exp.teacher_cache and exp.name not in caches:
+        if exp.teacher_cache and not cache_identities(exp, runs) <= cached:  # a cache no job builds yet
+            cached |= cache_identities(exp, runs)
             args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)),
                     *random_ok]
-            caches[exp.name] = Job(f"caches of {exp.name}", args, plan.path.parent / "teacher_cache.log")
+            caches.append(Job(f"caches of {exp.name}", args, plan.path.parent / "teacher_cache.log"))
     students = [run_command(f"{plan.recipe.table['name']} seed {plan.recipe.table.get('seed', 0)}", plan.recipe.path,
                             plan.overrides, plan.path, [*flags, "--no-train-teachers"]) for plan in todo]
     stages = {}
-    for stage, stage_jobs, parallel in (("teachers", list(teachers.values()), jobs), ("caches", list(caches.values()), 1),
+    for stage, stage_jobs, parallel in (("teachers", list(teachers.values()), jobs), ("caches", caches, 1),
                                         ("students", students, jobs)):
         if stage_jobs:
             stages[stage] = run_jobs(stage, stage_jobs, parallel, console)
     return stages
+
+
+def cache_identities(exp, teacher_runs: dict[str, Path]) -> set[str]:
+    """The teacher-output caches ``exp`` reads, told apart before its teachers are trained: per teacher, its
+    name and where its weights come from (its recipe's run directory, else its table), with everything of
+    the recipe that its cached views depend on. Two equal identities are one cache (keyed by the teacher's
+    name and weights, its views by the data, the view augmentation and their count, not by the seed)."""
+    from kdkit.builder.teacher_cache import VIEW_AUGMENTATION, views_of
+
+    table = exp.recipe.table
+    views = {"data": table.get("data"), "teacher_cache": table.get("teacher_cache"), "views": views_of(exp),
+             "augment": {k: v for k, v in table.get("augment", {}).items() if k in VIEW_AUGMENTATION}}
+    return {json.dumps([name, str(teacher_runs.get(name) or table["teachers"][name]), views], sort_keys=True)
+            for name in exp.needed_teachers}
 
 
 def validation_curves(runs: list[Run]) -> dict[str, dict[int, list[float]]]:
