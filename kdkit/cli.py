@@ -16,9 +16,22 @@ from rich.table import Table
 
 from kdkit.errors import KdkitError, RunFailed, RunInterrupted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="kdkit: multi-teacher knowledge distillation for vision models.")
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from kdkit import __version__
+
+        typer.echo(f"kdkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print kdkit's version and exit.")):
+    """kdkit: multi-teacher knowledge distillation for vision models."""
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
