@@ -17,7 +17,7 @@ import kdkit.train.run
 from kdkit.cli import COMPARE_WIDTH, _table, app
 from kdkit.recipe.toml import load_recipe
 from kdkit.store.summary import Summary
-from kdkit.tools.compare.report import MARK, results_table, tables, to_markdown
+from kdkit.tools.compare.report import MARK, csv_value, results_table, tables, to_markdown
 from kdkit.tools.compare.runs import Run, load_run, validation_curves
 from kdkit.tools.compare.seeds import seeded_recipe
 from kdkit.tools.compare.stats import paired_differences, summarize
@@ -79,6 +79,8 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     assert float(row["test_top1_mean"]) == pytest.approx(statistics.fmean(tests))
     assert float(row["test_top1_std"]) == pytest.approx(statistics.stdev(tests))
     assert row["best_val_epoch_test_top1_mean"] == ""  # no validation split chose an epoch
+    assert csv_value(20.700000000000003) == "20.7" and csv_value(1.5e-9) == "1.5e-09" and csv_value(12) == "12"
+    assert csv_value(1_268_230_000.0) == "1268230000" and csv_value("a b") == "a b" and csv_value(None) == ""
     for column, values in {"heads_mean_top1_mean": [s["test_top1"]["heads_mean"] for s in summaries],
                            "test_top1_conv": [s["test_top1"]["conv"] for s in summaries],
                            "teacher_other_top1": [s["teacher_top1"]["other"] for s in summaries],
@@ -93,6 +95,10 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     assert "mean ± std over 2 seeds" in markdown  # every row has 2: no seeds column
     assert "| recipe | teachers (top-1) | test top-1 | mean of heads |" in markdown
     assert "| two | conv " in markdown and cell in markdown
+
+    folder = cli("compare", dirs[0].parent, "--csv", tmp_path / "folder.csv")  # the folder of kdkit run --seeds
+    assert folder.exit_code == 0, folder.output
+    assert (tmp_path / "folder.csv").read_text() == files["csv"].read_text()
 
 
 def test_compare_trains_only_what_a_recipe_lacks(seed_runs, cli, tmp_path, monkeypatch):

@@ -135,8 +135,16 @@ def to_csv(rows: list[Row], differences: list[Difference] = ()) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]) if table else ["recipe"], lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in record.items()} for record in table)
+    writer.writerows({k: csv_value(v) for k, v in record.items()} for record in table)
     return buffer.getvalue()
+
+
+def csv_value(value) -> str:
+    """A CSV cell: empty for a missing number, a float at 12 significant digits (a mean over seeds reads
+    20.7, not 20.700000000000003), anything else as it is."""
+    if value is None:
+        return ""
+    return f"{value:.12g}" if isinstance(value, float) else str(value)
 
 
 def _markdown_table(table: Table) -> list[str]:

@@ -81,7 +81,8 @@ def plan_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs")
         if not target.exists():
             raise KdkitError(f"{target}: no such run directory or recipe file")
         if target.is_dir():
-            plans.setdefault(target.resolve(), Planned(target))
+            for path in seed_folders(target) or [target]:
+                plans.setdefault(path.resolve(), Planned(path))
         elif target.is_file() and target.suffix == ".toml":
             for seed in seeds or [recipe_seed(target, overrides)]:
                 recipe = seeded_recipe(target, overrides, seed)
@@ -95,6 +96,15 @@ def plan_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs")
         else:
             raise KdkitError(f"{target}: neither a run directory nor a recipe (.toml) file")
     return list(plans.values())
+
+
+def seed_folders(folder: Path) -> list[Path]:
+    """The ``seed<N>`` run directories of a folder that ``kdkit run --seeds`` filled, by seed; none when
+    ``folder`` is a run directory itself."""
+    if (folder / "summary.json").exists():
+        return []
+    seeds = [path for path in folder.glob("seed*") if path.name[4:].isdigit() and path.is_dir()]
+    return sorted(seeds, key=lambda path: int(path.name[4:]))
 
 
 def collect_runs(targets, seeds=None, overrides=(), runs_root: str | Path = "runs", *,
