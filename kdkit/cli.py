@@ -235,7 +235,7 @@ def compare(
         if plot_file:
             plots.plot(rows, output_path(plot_file))
         if curves_file:
-            plots.plot_curves(curves, output_path(curves_file))
+            plots.plot_curves(curves, {run.summary.best_selected_on for run in found}, output_path(curves_file))
     console = Console(width=COMPARE_WIDTH)
     for table in report.tables(rows, differences):
         console.print(_table(table))

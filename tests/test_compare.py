@@ -3,6 +3,7 @@ only what a recipe lacks, stale-run flags and paired differences."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -282,6 +283,30 @@ def test_validation_curves_gather_every_epoch_of_every_seed(seed_runs):
             row = json.loads(line)
             by_hand.setdefault(row["epoch"], []).append(row["top1"]["eval"])
     assert validation_curves(runs) == {"two": by_hand} and all(len(v) == 2 for v in by_hand.values())
+
+    from kdkit.tools.compare.plots import curves_figure
+
+    ax = curves_figure(validation_curves(runs), {r.summary.best_selected_on for r in runs}).axes[0]
+    assert ax.get_ylabel() == "test top-1 (%): no held-out validation split"  # the recipe holds none out
+    ax.figure.canvas.draw()
+    assert all(tick == int(tick) for tick in ax.get_xticks())  # whole epochs
+    assert curves_figure({"a": {1: [50.0]}}, {"validation"}).axes[0].get_ylabel() == "validation top-1 (%)"
+
+
+def test_the_bar_chart_shows_every_teacher_name_whole(seed_runs):
+    from kdkit.tools.compare.plots import bars_figure
+
+    _, dirs, _ = seed_runs
+    rows = summarize([load_run(d) for d in dirs])
+    long = {f"{name}_teacher_of_a_long_name": s for name, s in rows[0].teachers.items()}
+    rows = [dataclasses.replace(rows[0], name=name, teachers=long) for name in ("a", "b")]
+    fig = bars_figure(rows)
+    fig.canvas.draw()
+    [legend] = fig.legends
+    names = {text.get_text() for text in legend.get_texts()}
+    assert names == {"student test top-1\n(mean ± std over seeds)", *(f"teacher {name} top-1" for name in long)}
+    box = legend.get_window_extent()
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1  # whole, not clipped at the right edge
 
 
 def test_holm_by_hand():
