@@ -204,6 +204,7 @@ def compare(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="A recipe name: print every other recipe's "
                                            "eval top-1 minus this one's, paired by seed."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
+    latex: Optional[Path] = typer.Option(None, "--latex", help="Also write the tables as LaTeX (booktabs)."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (numbers)."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also write a bar chart PNG of eval top-1."),
     curves_file: Optional[Path] = typer.Option(None, "--curves", help="Also write a PNG of every recipe's "
@@ -230,6 +231,8 @@ def compare(
         curves = validation_curves(found) if curves_file else {}  # read before anything is written
         if markdown:
             output_path(markdown).write_text(report.to_markdown(rows, differences))
+        if latex:
+            output_path(latex).write_text(report.to_latex(rows, differences))
         if csv_file:
             output_path(csv_file).write_text(report.to_csv(rows, differences))
         if plot_file:

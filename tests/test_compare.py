@@ -18,7 +18,7 @@ import kdkit.train.run
 from kdkit.cli import COMPARE_WIDTH, _table, app
 from kdkit.recipe.toml import load_recipe
 from kdkit.store.summary import Summary
-from kdkit.tools.compare.report import MARK, csv_value, results_table, tables, to_markdown
+from kdkit.tools.compare.report import MARK, csv_value, latex_text, results_table, tables, to_markdown
 from kdkit.tools.compare.runs import Run, load_run, validation_curves
 from kdkit.tools.compare.seeds import seeded_recipe
 from kdkit.tools.compare.stats import paired_differences, summarize
@@ -65,7 +65,7 @@ def test_seeds_make_sibling_run_directories(seed_runs):
 def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     _, dirs, _ = seed_runs
     files = {"csv": tmp_path / "t.csv", "markdown": tmp_path / "md" / "t.md", "plot": tmp_path / "t.png",
-             "curves": tmp_path / "curves.png"}
+             "curves": tmp_path / "curves.png", "latex": tmp_path / "t.tex"}
     result = cli("compare", *dirs, *(arg for kind, path in files.items() for arg in (f"--{kind}", path)))
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.output.splitlines()) <= 100  # reads in a 100-column terminal
@@ -96,6 +96,11 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     assert "mean ± std over 2 seeds" in markdown  # every row has 2: no seeds column
     assert "| recipe | teachers (top-1) | test top-1 | mean of heads |" in markdown
     assert "| two | conv " in markdown and cell in markdown
+    latex = files["latex"].read_text()
+    assert latex.count(r"\begin{tabular}") == 2 and latex.count(r"\toprule") == 2  # results and cost
+    assert r"\caption{test top-1 (\%) of the final students, mean $\pm$ std over 2 seeds" in latex
+    assert cell.replace("±", r"$\pm$") in latex and r"model\_kwargs.img\_size=32" in latex
+    assert latex_text(r"a_b & 5% {x} ^~\ Δ†") == r"a\_b \& 5\% \{x\} \textasciicircum{}\textasciitilde{}\textbackslash{} $\Delta$$^\dagger$"
 
     folder = cli("compare", dirs[0].parent, "--csv", tmp_path / "folder.csv")  # the folder of kdkit run --seeds
     assert folder.exit_code == 0, folder.output

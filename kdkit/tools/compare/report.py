@@ -161,3 +161,31 @@ def to_markdown(rows: list[Row], differences: list[Difference] = ()) -> str:
         lines += [*_markdown_table(table), ""]
     lines += [f"{note}  " for note in footnotes(rows)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# LaTeX's special characters, and the table's symbols in math mode (text mode has no ± or Δ of its own)
+LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
+         "†": r"$^\dagger$", "‖": r"$\|$", "<": r"$<$", ">": r"$>$"}
+
+
+def latex_text(text: str) -> str:
+    return "".join(LATEX.get(c, c) for c in text)
+
+
+def _latex_table(table: Table) -> list[str]:
+    def line(values):
+        return " & ".join(latex_text(v.replace("\n", " ")) for v in values) + r" \\"
+
+    return [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(table.title)}}}",
+            rf"\begin{{tabular}}{{l{'r' * (len(table.headers) - 1)}}}", r"\toprule", line(table.headers),
+            r"\midrule", *map(line, table.body), r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+
+
+def to_latex(rows: list[Row], differences: list[Difference] = ()) -> str:
+    """The tables as LaTeX (booktabs: ``\\usepackage{booktabs}``), one ``table`` each, the footnotes after."""
+    lines = []
+    for table in tables(rows, differences):
+        lines += [*_latex_table(table), ""]
+    lines += [latex_text(note) + r" \\" for note in footnotes(rows)]
+    return "\n".join(lines).rstrip() + "\n"
