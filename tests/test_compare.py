@@ -100,7 +100,8 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     assert latex.count(r"\begin{tabular}") == 2 and latex.count(r"\toprule") == 2  # results and cost
     assert r"\caption{test top-1 (\%) of the final students, mean $\pm$ std over 2 seeds" in latex
     assert cell.replace("±", r"$\pm$") in latex and r"model\_kwargs.img\_size=32" in latex
-    assert latex_text(r"a_b & 5% {x} ^~\ Δ†") == r"a\_b \& 5\% \{x\} \textasciicircum{}\textasciitilde{}\textbackslash{} $\Delta$$^\dagger$"
+    assert latex_text(r"a_b & 5% {x} ^~\ Δ†") == (r"a\_b \& 5\% \{x\} \textasciicircum{}\textasciitilde{}\textbackslash{} "
+                                                r"$\Delta$$^\dagger$")
 
     folder = cli("compare", dirs[0].parent, "--csv", tmp_path / "folder.csv")  # the folder of kdkit run --seeds
     assert folder.exit_code == 0, folder.output
