@@ -179,16 +179,23 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="A run directory or student.safetensors."),
-    images: List[Path] = typer.Argument(..., help="Image files."),
+    images: List[Path] = typer.Argument(..., help="Image files, or folders of them."),
     top: int = typer.Option(5, "--top", help="How many classes to print per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: per image its path and top classes with "
+                                 "their probabilities."),
 ):
-    """Print the top classes the trained student predicts for image files."""
+    """Print the top classes the trained student predicts for image files (a folder: every image under it)."""
     from kdkit.tools.predict import predict_files
 
     try:
         results = predict_files(run_dir, images, top)
     except KdkitError as exc:
         raise fail(exc, 2) from None
+    if as_json:
+        typer.echo(json.dumps([{"image": str(path), "top": [{"class": name, "probability": prob}
+                                                               for name, prob in classes]}
+                               for path, classes in results], indent=2))
+        return
     for path, classes in results:
         typer.echo(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in classes))
 

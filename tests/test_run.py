@@ -143,6 +143,19 @@ def test_predict_prints_top_classes(finished_run, cli, tmp_path):
     bad = cli("predict", out, tmp_path / "missing.png")
     assert bad.exit_code == 2 and "cannot read the image" in bad.output
 
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(folder / "sub" / "b.JPG")
+    (folder / "notes.txt").write_text("not an image")
+    shutil.copy(image, folder / "a.png")
+    listed = json.loads(cli("predict", out, folder, image, "--top", "3", "--json").output)
+    assert [entry["image"] for entry in listed] == [str(folder / "a.png"), str(folder / "sub" / "b.JPG"), str(image)]
+    assert listed[0]["top"] == listed[2]["top"] and len(listed[1]["top"]) == 3  # the same pixels, the same answer
+    assert sum(c["probability"] for c in listed[0]["top"]) <= 1 and set(listed[0]["top"][0]) == {"class", "probability"}
+    (tmp_path / "empty").mkdir()
+    empty = cli("predict", out, tmp_path / "empty")
+    assert empty.exit_code == 2 and f"{tmp_path / 'empty'}: no image files in this folder" in empty.output
+
 
 def test_a_broken_run_records_its_status(write_recipe, cli, tmp_path, monkeypatch):
     from kdkit.train.loop import Trainer
