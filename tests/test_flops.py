@@ -92,5 +92,12 @@ def test_the_flops_command_counts_what_a_run_records(cli, tmp_path):
     result = cli("flops", recipe, out)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [f"{recipe}: {flops}", f"{out}: {flops}"]
+    big_batch = cli("flops", recipe, "-o", "train.batch_size=1024", "--json")  # no training batch is built
+    assert big_batch.exit_code == 0 and json.loads(big_batch.output) == [{"target": str(recipe), "flops": flops,
+                                                                         "unsupported": {}}]
+    wider = cli("flops", tmp_path / "missing.toml", recipe, "-o", "student.model_kwargs.img_size=64",
+                "-o", "data.image_size=64")
+    assert wider.exit_code == 2 and "missing.toml" in wider.output  # reported, and the next target counted
+    assert int(wider.output.splitlines()[-1].split(": ")[1]) > 3 * flops  # four times the pixels
     built = kdkit.build(recipe, allow_random_teachers=True)
     assert kdkit.count_flops(built.model, torch.zeros(1, 3, 32, 32)).total == flops  # the public function

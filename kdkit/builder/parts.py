@@ -89,6 +89,16 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
     if len(val_set) == 0:
         raise exp.recipe.error("data.limit_val", "the validation set is empty")
 
+    model, export_meta = build_student(exp, plugins, splits, device)
+    probe_student(model, exp.student.plugin, val_set[0][0], splits.num_classes)
+    return Parts(splits, train_set, val_set, loaders, model, export_meta)
+
+
+def build_student(exp: Experiment, plugins: Plugins, splits: DatasetSplits,
+                  device: torch.device) -> tuple[DistillModel, dict]:
+    """The student with its heads for ``splits``' classes and channels (from ``student.checkpoint`` when the
+    recipe names one), and the metadata its export records to rebuild it. Needs no data but the splits'."""
+    data = exp.data
     context = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=data.image_size)
     student_kwargs = exp.student.call_kwargs(plugins, **context)
     student = plugins.get("student", exp.student.plugin)(**student_kwargs)
@@ -103,9 +113,6 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
     model = build_distill_model(plugins, student, heads, exp.eval.heads)
     if exp.student_checkpoint:
         load_student(model, exp.student_checkpoint, plugins)
-    model = model.to(device)
-    probe_student(model, exp.student.plugin, val_set[0][0], splits.num_classes)
-
     export_meta = {
         "name": exp.name,
         "student": {"plugin": exp.student.plugin, "kwargs": student_kwargs},
@@ -119,7 +126,7 @@ def build_parts(exp: Experiment, plugins: Plugins, device: torch.device, process
         "mean": list(splits.mean),
         "std": list(splits.std),
     }
-    return Parts(splits, train_set, val_set, loaders, model, export_meta)
+    return model.to(device), export_meta
 
 
 def load_student(model: DistillModel, path: str, plugins: Plugins) -> None:

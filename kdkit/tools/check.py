@@ -51,6 +51,6 @@ def check(recipe_path, overrides=(), *, allow_random_teachers: bool = False) -> 
     params = {"student": parameters(parts.model.student),
               **{f"heads.{name}": parameters(head) for name, head in parts.model.heads.items()},
               **{f"teachers.{name}": parameters(teacher.model) for name, teacher in teachers.items()}}
-    flops = student_flops(exp, parts, plugins)
+    flops = student_flops(parts.model, parts.splits.in_chans, exp.data.image_size, plugins)
     return CheckReport(exp.recipe.to_toml(), params, flops.total, flops.unsupported,
                        {name: str(out) for name, out in to_train.items()})

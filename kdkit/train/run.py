@@ -14,7 +14,7 @@ import torch
 
 from kdkit.builder.build import Built, build_all_parts
 from kdkit.builder.flops import FlopCount, count_flops, plugin_rules
-from kdkit.builder.model import Predictor
+from kdkit.builder.model import DistillModel, Predictor
 from kdkit.builder.parts import Parts
 from kdkit.builder.teacher_cache import summary_of
 from kdkit.errors import KdkitError
@@ -134,11 +134,10 @@ def check_teachers_unchanged(rundir: RunDir, checkpoint: dict, hashes: dict[str,
                          "run was trained with; --allow-changes resumes anyway")
 
 
-def student_flops(exp: Experiment, parts: Parts, plugins: Plugins) -> FlopCount:
+def student_flops(model: DistillModel, in_chans: int, image_size: int, plugins: Plugins) -> FlopCount:
     """Multiply-adds of one image through the student's eval prediction; operators left out are a warning."""
-    device = next(parts.model.parameters()).device
-    image = torch.zeros(1, parts.splits.in_chans, exp.data.image_size, exp.data.image_size, device=device)
-    flops = count_flops(Predictor(parts.model), image, plugin_rules(plugins.manager.hook))
+    image = torch.zeros(1, in_chans, image_size, image_size, device=next(model.parameters()).device)
+    flops = count_flops(Predictor(model), image, plugin_rules(plugins.manager.hook))
     if flops.unsupported:
         warnings.warn(f"the FLOP count leaves out operators it has no rule for: {flops.unsupported}", FlopWarning,
                       stacklevel=2)
@@ -147,7 +146,7 @@ def student_flops(exp: Experiment, parts: Parts, plugins: Plugins) -> FlopCount:
 
 def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins, processes: Processes) -> dict:
     """What the summary says about the run that training does not change (recomputed on resume)."""
-    flops = student_flops(exp, parts, plugins)
+    flops = student_flops(parts.model, parts.splits.in_chans, exp.data.image_size, plugins)
     return {
         "name": exp.name, "seed": exp.seed, "world_size": processes.world,
         "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
