@@ -95,7 +95,8 @@ def test_compare_prints_and_writes_the_table(seed_runs, cli, tmp_path):
     assert "student plugin=timm, model=test_vit, model_kwargs.img_size=32" in markdown  # shared: a caption
     assert "mean ± std over 2 seeds" in markdown  # every row has 2: no seeds column
     assert "| recipe | teachers (top-1) | test top-1 | mean of heads |" in markdown
-    assert "| two | conv " in markdown and cell in markdown
+    assert "| two | conv (test_resnet) " in markdown and ", other (test_efficientnet) " in markdown and cell in markdown
+    assert row["teacher_conv_model"] == "test_resnet" and summaries[0]["teacher_models"]["other"] == "test_efficientnet"
     latex = files["latex"].read_text()
     assert latex.count(r"\begin{tabular}") == 2 and latex.count(r"\toprule") == 2  # results and cost
     assert r"\caption{test top-1 (\%) of the final students, mean $\pm$ std over 2 seeds" in latex

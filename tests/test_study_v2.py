@@ -61,6 +61,7 @@ def test_the_study_command_trains_teachers_caches_and_students_and_writes_the_ta
     rows = {r["recipe"]: r for r in csv.DictReader((out / "comparison.csv").open())}
     assert list(rows) == ROWS and all(r["seeds"] == "0 1" for r in rows.values())
     assert rows["civt"]["teacher_conv_top1"] and rows["two_inv"]["teacher_inv2_top1"]
+    assert (rows["civt"]["teacher_conv_model"], rows["civt"]["teacher_inv_model"]) == ("resnet10t", "rednet26 x0.25")
     assert rows["no_kd"]["diff_pairs"] == "2" and rows["civt"]["diff_pairs"] == ""
     caches = list((tmp_path / "cache" / "teacher_outputs").iterdir())
     assert len(caches) == 4  # conv, conv2 (seed 1), inv, inv2: built once, shared by every row and seed

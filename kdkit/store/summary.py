@@ -56,6 +56,7 @@ class Summary:
     flops: int | None = None
     flops_unsupported: dict = field(default_factory=dict)
     teacher_hashes: dict = field(default_factory=dict)
+    teacher_models: dict = field(default_factory=dict)  # each teacher's network, in a few words
     teacher_cache: dict | None = None
     kdkit_version: str = kdkit.__version__
     git_commit: str | None = None
@@ -66,7 +67,8 @@ class Summary:
     notes: list[str] = field(default_factory=list, compare=False)
 
     CHECKS = {"name": lambda v: isinstance(v, str), "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "status": lambda v: isinstance(v, str), "top1": _scores, "test_top1": _scores, "teacher_top1": _scores,
+              "status": lambda v: isinstance(v, str), "top1": _scores,
+              "teacher_models": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "test_top1": _scores, "teacher_top1": _scores,
               **{key: lambda v: v is None or is_number(v) for key in (
                   "best_top1", "best_test_top1", "params", "flops", "train_images_per_s", "infer_images_per_s",
                   "wall_s")}}

@@ -152,10 +152,27 @@ def facts(exp: Experiment, parts: Parts, recipe: Recipe, plugins: Plugins, proce
         "best_selected_on": "validation" if exp.data.val_split > 0 else "test",
         "params": parts.model.eval_parameters(), "flops": flops.total,
         "flops_unsupported": flops.unsupported,
-        "teacher_hashes": parts.teacher_hashes,
+        "teacher_hashes": parts.teacher_hashes, "teacher_models": teacher_models(exp),
         "teacher_cache": summary_of(parts.teacher_outputs) if parts.teacher_outputs else None,
         **provenance(recipe.hash()),
     }
+
+
+def teacher_models(exp: Experiment) -> dict[str, str]:
+    """Each teacher's network in a few words, for tables: a timm model's name, else its plugin with its depth
+    or preset (and a width other than 1); a teacher given by a recipe, that recipe's student's; a kdkit
+    export, its file's name."""
+    def network(table: dict) -> str:
+        if "model" in table:
+            label = str(table["model"])
+        elif "plugin" in table:
+            label = f"{table['plugin']}{table.get('depth', '')}" + (f"-{table['preset']}" if "preset" in table else "")
+        else:
+            label = Path(str(table.get("checkpoint", "?"))).name
+        return label + (f" x{table['width']}" if table.get("width", 1) != 1 else "")
+
+    return {name: network(spec.recipe.table.get("student", {}) if spec.recipe else exp.recipe.table["teachers"][name])
+            for name, spec in exp.teachers.items() if name in exp.needed_teachers}
 
 
 def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:

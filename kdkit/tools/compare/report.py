@@ -30,8 +30,10 @@ def _si(s: Stat) -> str:
     return f"{s.mean:.0f}"
 
 
-def _named(stats: dict[str, Stat]) -> str:
-    return ", ".join(f"{name} {_number(s, '{:.1f}')}" for name, s in stats.items())
+def _named(stats: dict[str, Stat], models: dict[str, str]) -> str:
+    """``name (network) top-1, ...``: the network when the run recorded it and it is not the name itself."""
+    return ", ".join(f"{name}{f' ({models[name]})' if models.get(name, name) != name else ''} "
+                     f"{_number(s, '{:.1f}')}" for name, s in stats.items())
 
 
 def _settings(settings: dict, keys: bool = True) -> str:
@@ -69,7 +71,7 @@ def results_table(rows: list[Row]) -> Table:
                "teachers (top-1)", "test top-1", "mean of heads", *(["best-val epoch"] if selected else []),
                *(["seeds"] if len(seeds) > 1 else [])]
     body = [[row.name + (f" {MARK}" if row.flags else ""), *([_settings(d, keys=len(keys) > 1)] if keys else []),
-             _named(row.teachers), _pm(row.test), _pm(row.heads_mean), *([_pm(row.best_val)] if selected else []),
+             _named(row.teachers, row.teacher_models), _pm(row.test), _pm(row.heads_mean), *([_pm(row.best_val)] if selected else []),
              *([str(len(row.seeds))] if len(seeds) > 1 else [])] for row, d in zip(rows, differing)]
     over = f"{seeds.pop()} seeds" if len(seeds) == 1 else "seeds"
     title = (f"test top-1 (%) of the final students, mean ± std over {over}; student "
@@ -118,6 +120,7 @@ def records(rows: list[Row], differences: list[Difference] = ()) -> list[dict]:
                   "best_val_epoch_test_top1_mean": row.best_val.mean}
         record.update({f"test_top1_{h}": row.heads[h].mean if h in row.heads else None for h in heads})
         record.update({f"teacher_{t}_top1": row.teachers[t].mean if t in row.teachers else None for t in teachers})
+        record.update({f"teacher_{t}_model": row.teacher_models.get(t) for t in teachers})
         for key in ("params", "flops", "train_images_per_s", "infer_images_per_s", "wall_s"):
             record[key] = getattr(row, key).mean
         if differences:

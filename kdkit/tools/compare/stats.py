@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kdkit.errors import KdkitError, did_you_mean
 from kdkit.tools.compare.runs import Run
@@ -42,6 +42,7 @@ class Row:
     infer_images_per_s: Stat
     wall_s: Stat
     flags: list[str]
+    teacher_models: dict[str, str] = field(default_factory=dict)  # each teacher's network, when recorded
 
 
 def summarize(runs: list[Run]) -> list[Row]:
@@ -79,7 +80,8 @@ def _row(name: str, runs: list[Run]) -> Row:
                best_val=over("best_test_top1"), heads=heads,
                teachers=per_name([s.teacher_top1 for s in summaries]), params=over("params"),
                flops=over("flops"), train_images_per_s=over("train_images_per_s"),
-               infer_images_per_s=over("infer_images_per_s"), wall_s=over("wall_s"), flags=flags)
+               infer_images_per_s=over("infer_images_per_s"), wall_s=over("wall_s"), flags=flags,
+               teacher_models={k: v for s in reversed(summaries) for k, v in s.teacher_models.items()})
 
 
 @dataclass
