@@ -11,11 +11,24 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "build", "build_model", "count_flops", "load", "run"]
 
 
-def run(recipe_path, overrides=(), out=None, **options):
-    """Train one recipe (see ``kdkit run --help``; ``progress=True`` shows progress); returns the run directory."""
+def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: bool = False,
+        allow_changes: bool = False, allow_random_teachers: bool = False, allow_weak_teachers: bool = False,
+        train_teachers: bool = True, progress: bool = False, console=None, callbacks=()):
+    """Train one recipe as ``kdkit run`` does; returns the run directory.
+
+    ``overrides``: ``key.path=value`` strings (``-o``); ``out``: the run directory (default
+    ``runs/<name>/seed<seed>``); ``force`` overwrites a kdkit run there; ``resume`` continues it from its
+    last checkpoint (``allow_changes``: with a changed recipe or teachers); ``allow_random_teachers`` and
+    ``allow_weak_teachers`` accept teachers at chance; ``train_teachers=False`` refuses to train a
+    teacher its recipe has not trained yet; ``progress`` shows progress (otherwise nothing prints) and
+    ``console`` (a rich Console) receives messages about teachers being trained;
+    ``callbacks``: objects whose ``@kdkit.api.hookimpl`` methods join this run, as a recipe's
+    ``[callbacks]`` do (a logger made in a notebook)."""
     from kdkit.train.run import run as _run
 
-    return _run(recipe_path, overrides=overrides, out=out, **options)
+    return _run(recipe_path, overrides, out, force=force, resume=resume, allow_changes=allow_changes,
+                allow_random_teachers=allow_random_teachers, allow_weak_teachers=allow_weak_teachers,
+                train_teachers=train_teachers, progress=progress, console=console, callbacks=callbacks)
 
 
 def build(recipe, overrides=(), *, train_teachers: bool = False, allow_random_teachers: bool = False, device=None):

@@ -258,3 +258,37 @@ def test_a_run_in_this_process_leaves_no_loader_worker_behind(write_recipe, tmp_
     recipe = write_recipe(TWO_TEACHER_RECIPE.replace("workers = 0", "workers = 2"))
     kdkit.run(recipe, ["train.epochs=1"], out=tmp_path / "run", allow_random_teachers=True)
     assert multiprocessing.active_children() == []
+
+
+def test_callback_objects_from_python_join_the_run(write_recipe, tmp_path):
+    """A notebook's logger: ``kdkit.run(..., callbacks=[obj])``, its hooks called like a recipe callback's."""
+    from kdkit import api
+    from kdkit.errors import PluginError
+
+    class Epochs:
+        def __init__(self):
+            self.rows, self.ended = [], None
+
+        @api.hookimpl
+        def kdkit_epoch_end(self, trainer, row):
+            self.rows.append((trainer.epoch, row["epoch"], row["top1"]["eval"]))
+
+        @api.hookimpl
+        def kdkit_run_end(self, trainer, status):
+            self.ended = status
+
+    seen = Epochs()
+    out = kdkit.run(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=2"], out=tmp_path / "run",
+                    allow_random_teachers=True, callbacks=[seen])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert seen.rows == [(row["epoch"], row["epoch"], row["top1"]["eval"]) for row in rows] and seen.ended == "completed"
+
+    class Misspelt:
+        @api.hookimpl
+        def kdkit_epoch_ends(self, trainer, row):
+            pass
+
+    with pytest.raises(PluginError, match="kdkit_epoch_ends"):
+        kdkit.run(write_recipe(TWO_TEACHER_RECIPE), out=tmp_path / "again", allow_random_teachers=True,
+                  callbacks=[Misspelt()])
+    assert not (tmp_path / "again").exists()

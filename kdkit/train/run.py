@@ -41,14 +41,15 @@ class FlopWarning(UserWarning):
 
 def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: bool = False,
         allow_changes: bool = False, allow_random_teachers: bool = False, allow_weak_teachers: bool = False,
-        train_teachers: bool = True, progress: bool = False, console=None) -> Path:
+        train_teachers: bool = True, progress: bool = False, console=None, callbacks=()) -> Path:
     """Check, build and train one recipe (its missing teachers first); returns the run directory.
 
     ``resume`` continues the run in ``out`` from its last checkpoint; a recipe or teacher weights that
     differ from the run's are refused unless ``allow_changes``. A teacher at most twice chance on
     validation is refused unless ``allow_weak_teachers`` (or ``allow_random_teachers``: a random
     teacher is at chance). ``progress`` adds the progress display; ``console`` (a rich Console)
-    receives messages about teachers being trained; otherwise nothing prints. Under torchrun every
+    receives messages about teachers being trained; otherwise nothing prints. ``callbacks`` are objects
+    whose hook implementations join this run as a recipe's ``[callbacks]`` do. Under torchrun every
     process runs this: they train together, and only rank 0 writes and prints.
     """
     plugins = default_plugins()
@@ -56,7 +57,7 @@ def run(recipe_path, overrides=(), out=None, *, force: bool = False, resume: boo
     progress, console = progress and processes.is_main, console if processes.is_main else None
     recipe = load_recipe(recipe_path, list(overrides))
     exp = resolve(recipe, plugins, allow_random_teachers=allow_random_teachers)
-    callbacks = build_callbacks(exp, plugins, progress, processes)  # their hooks are checked with the recipe
+    callbacks = build_callbacks(exp, plugins, progress, processes, callbacks)  # hooks checked with the recipe
     rundir = RunDir(out or default_run_dir(recipe))
     if resume:
         processes.on_main(lambda: check_resumable(rundir, recipe, allow_changes))
@@ -192,8 +193,10 @@ def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:
     return top1
 
 
-def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes: Processes) -> dict[str, object]:
-    """Every run's callbacks (files, checkpoints, export), the progress display if asked, and the recipe's.
+def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes: Processes,
+                    given=()) -> dict[str, object]:
+    """Every run's callbacks (files, checkpoints, export), the progress display if asked, the recipe's, and
+    the objects ``given`` (from Python: ``kdkit.run(..., callbacks=[...])``).
 
     A callback marked ``main_process_only`` (one that writes files or prints) joins rank 0's run alone.
     A function meant as a hook that is none (a misspelt name) is a PluginError, exit 2.
@@ -201,6 +204,7 @@ def build_callbacks(exp: Experiment, plugins: Plugins, progress: bool, processes
     names = [*RUN_CALLBACKS, *(["progress"] if progress else [])]
     callbacks = {name: plugins.get("callback", name)() for name in names if name not in exp.callbacks}
     callbacks.update({name: spec.build(plugins) for name, spec in exp.callbacks.items()})
+    callbacks.update({f"{type(callback).__name__} #{i}": callback for i, callback in enumerate(given)})
     plugins.check_callbacks(callbacks)
     return {name: callback for name, callback in callbacks.items()
             if processes.is_main or not getattr(callback, "main_process_only", False)}
