@@ -25,6 +25,9 @@ CASES = [
     (['seed="zero"'], "seed: expected int, got str 'zero'"),
     (["student.plugin=timmm"], "student.plugin: no student plugin named 'timmm' (did you mean: timm?)"),
     (["student.modle=1"], "student.modle: unknown key (did you mean: model?)"),
+    (['teachers.conv.checkpiont="x.pt"'], "teachers.conv.checkpiont: unknown key (did you mean: checkpoint?); valid "
+                                           "keys: model, num_classes, in_chans, small_input, pretrained, model_kwargs, "
+                                           "checkpoint, classes, compile, plugin, precision, recipe"),  # the core's too
     (["data.dataset=cifar11"], "data.dataset: no dataset plugin named 'cifar11' (did you mean: cifar10"),
     (["data.train_sise=10"], "data.train_sise: unknown key (did you mean: train_size?)"),
     (["data.image_size=3.5"], "data.image_size: expected int, got float 3.5"),

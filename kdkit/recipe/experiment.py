@@ -103,9 +103,9 @@ def _table(recipe: Recipe, key: str, value, *, required: bool = False) -> dict:
     return value
 
 
-def _checked(recipe: Recipe, factory, table: dict, *, kind: str, key: str) -> dict:
+def _checked(recipe: Recipe, factory, table: dict, *, kind: str, key: str, core_keys=()) -> dict:
     try:
-        return check_table(factory, table, kind=kind, file=None, key=key)
+        return check_table(factory, table, kind=kind, file=None, key=key, core_keys=core_keys)
     except RecipeError as exc:
         raise recipe.error(exc.key, exc.message) from None
 
@@ -120,7 +120,7 @@ def _plugin_spec(recipe, plugins, kind, table, key, core_keys, default_plugin=No
                            f"{did_you_mean(str(name), plugins.names(kind))}; "
                            f"installed: {', '.join(plugins.names(kind)) or '(none)'}")
     own = {k: v for k, v in table.items() if k not in core_keys}
-    kwargs = _checked(recipe, plugins.get(kind, name), own, kind=kind, key=key)
+    kwargs = _checked(recipe, plugins.get(kind, name), own, kind=kind, key=key, core_keys=core_keys)
     return PluginSpec(kind, name, kwargs, key)
 
 

@@ -162,8 +162,9 @@ def conform(value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def check_table(factory, table: dict, *, kind: str, file: object, key: str) -> dict:
-    """Validate ``table`` against ``factory``'s keyword signature; return the converted kwargs."""
+def check_table(factory, table: dict, *, kind: str, file: object, key: str, core_keys=()) -> dict:
+    """Validate ``table`` against ``factory``'s keyword signature; return the converted kwargs. ``core_keys``,
+    which kdkit itself reads from the same table, are named among the valid keys of a refusal."""
     params = _parameters(factory)
     hints = _hints(factory)
     context = CONTEXT_KEYS[kind]
@@ -176,8 +177,9 @@ def check_table(factory, table: dict, *, kind: str, file: object, key: str) -> d
             if accepts_any:
                 kwargs[name] = value
                 continue
-            raise RecipeError(f"unknown key{did_you_mean(name, settable)}; valid keys: "
-                              f"{', '.join(settable) or '(none)'}", file=file, key=path)
+            valid = [*settable, *sorted(set(core_keys) - set(settable))]
+            raise RecipeError(f"unknown key{did_you_mean(name, valid)}; valid keys: "
+                              f"{', '.join(valid) or '(none)'}", file=file, key=path)
         annotation = hints.get(name, params[name].annotation)
         try:
             ok, converted = conform(value, annotation)

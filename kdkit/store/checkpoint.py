@@ -53,12 +53,6 @@ def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model",
                          f"{'...' if len(unexpected) > 5 else ''}")
 
 
-
-
-
-
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a training checkpoint atomically (``atomic_write``); through a Python file, so that a full
     disk's ``OSError`` stays behind torch's ``RuntimeError`` (torch's own writer drops it)."""
