@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kdkit
+
 from conftest import TWO_TEACHER_RECIPE
 
 # (overrides, expected message). Each case starts from the two-teacher recipe.
@@ -149,7 +151,16 @@ def test_checkpoint_that_does_not_fit(write_recipe, cli, tmp_path, existing_run)
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
     args = ["run", write_recipe(TWO_TEACHER_RECIPE), "--allow-random-teachers", "-o", f"teachers.conv.checkpoint={bad}"]
-    assert_nothing_written(cli, args, f"{bad}: the weights do not fit the model", tmp_path / "out", existing_run)
+    assert_nothing_written(cli, args, f"{bad}: the weights do not fit teachers.conv: 1 tensor of other shapes "
+                           "(fc.weight [2, 2] in the file, [4, 96] in the model)", tmp_path / "out", existing_run)
+    imagenet = tmp_path / "imagenet.pt"  # the same network with a 1000-class head: its classifier differs
+    torch.save({"model": kdkit.build_model("teacher", plugin="timm", model="test_resnet", num_classes=1000).state_dict()},
+               imagenet)
+    args[-1] = f"teachers.conv.checkpoint={imagenet}"
+    result = cli(*args)
+    assert result.exit_code == 2 and "2 tensors of other shapes (" in result.output and "[1000, " in result.output
+    assert "need teachers.conv.classes (the checkpoint's class names in output order)" in result.output
+    assert len(result.output.strip().splitlines()[-1]) < 600  # one line, not torch's list
 
 
 @pytest.mark.parametrize("content, message", [

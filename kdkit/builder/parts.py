@@ -205,7 +205,10 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
         context["pretrained"] = True
     model = spec.spec.build(plugins, **context)
     if spec.checkpoint:
-        load_weights(model, spec.checkpoint)
+        load_weights(model, spec.checkpoint, what=f"teachers.{name}", hint=(
+            f". Weights for another number of classes need teachers.{name}.classes (the checkpoint's class names "
+            "in output order); a network built with other keys than the checkpoint's (depth, width, small_input, "
+            f"model_kwargs) needs those keys in teachers.{name}"))
     index = class_index(exp, f"teachers.{name}.classes", spec.classes, splits.class_names) if spec.classes else None
     options["channels_last"] = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if spec.pretrained:  # timm's pretrained_cfg says how the weights expect their input

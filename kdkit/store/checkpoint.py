@@ -38,19 +38,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model", convert=None) -> None:
-    """Load a plain state dict strictly, with a clear message naming ``what`` on mismatch. ``convert``
+def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model", convert=None,
+                 hint: str = "") -> None:
+    """Load a plain state dict strictly. A mismatch is one line naming ``what``: how many tensors differ in
+    shape (the first few, file against model), are missing or unexpected, then ``hint``. ``convert``
     maps a foreign layout onto the model's names first (None when it does not recognise it)."""
     state = read_state_dict(path)
     state = (convert(state) if convert else None) or state
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)  # a model may convert a layout of its own
     except RuntimeError as exc:  # shapes that do not match
-        raise KdkitError(f"{path}: the weights do not fit {what}: {exc}") from None
+        own = model.state_dict()
+        reshaped = sorted(k for k in own.keys() & state.keys() if tuple(state[k].shape) != tuple(own[k].shape))
+        detail = (_listed("of other shapes", reshaped, lambda k: f"{k} {list(state[k].shape)} in the file, "
+                                                                 f"{list(own[k].shape)} in the model")
+                  if reshaped else "; ".join(line.strip() for line in str(exc).splitlines()[:4]))
+        raise KdkitError(f"{path}: the weights do not fit {what}: {detail}{hint}") from None
     if missing or unexpected:
-        raise KdkitError(f"{path}: the weights do not fit {what}: missing {sorted(missing)[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+        problems = [_listed(kind, sorted(names), str) for kind, names in (("missing", missing),
+                                                                        ("unexpected", unexpected)) if names]
+        raise KdkitError(f"{path}: the weights do not fit {what}: {'; '.join(problems)}{hint}")
+
+
+def _listed(kind: str, names: list[str], show) -> str:
+    """``N tensors <kind> (the first three shown)``, for one line of a message."""
+    return f"{len(names)} tensor{'' if len(names) == 1 else 's'} {kind} ({', '.join(map(show, names[:3]))}{', ...' if len(names) > 3 else ''})"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -185,7 +185,8 @@ def evaluate_teachers(trainer: Trainer, allow_weak: bool) -> dict[str, float]:
         if top1[name] <= 2 * chance:
             message = (f"teachers.{name}: validation top-1 {top1[name]:.2f}% is at most twice chance "
                        f"({chance:.2f}%): wrong weights, input normalization or class order (teachers.{name}.classes "
-                       "maps a teacher's own classes)?")
+                       "maps a teacher's own classes), or network keys other than the weights were trained with "
+                       "(small_input, width, model_kwargs)?")
             if not allow_weak:
                 raise KdkitError(f"{trainer.exp.recipe.where(f'teachers.{name}')}: {message} "
                                  "--allow-weak-teachers accepts it")
