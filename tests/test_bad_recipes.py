@@ -27,9 +27,16 @@ CASES = [
     (['seed="zero"'], "seed: expected int, got str 'zero'"),
     (["student.plugin=timmm"], "student.plugin: no student plugin named 'timmm' (did you mean: timm?)"),
     (["student.modle=1"], "student.modle: unknown key (did you mean: model?)"),
+    (["teachers.conv.mean=[0.5, 0.5, 0.5]"], "teachers.conv.std: give mean and std together"),
+    (["teachers.conv.mean=[0.5]", "teachers.conv.std=[0.5, 0.2]"],
+     "teachers.conv.std: expected one mean and one std > 0 per channel, got mean [0.5] and std [0.5, 0.2]"),
+    (["teachers.conv.mean=[0.5]", "teachers.conv.std=[0.5]"],
+     "teachers.conv.mean: 1 values for the data's 3 channels: give one mean and one std per channel"),
+    (["teachers.conv.input_size=0"], "teachers.conv.input_size: must be >= 1"),
     (['teachers.conv.checkpiont="x.pt"'], "teachers.conv.checkpiont: unknown key (did you mean: checkpoint?); valid "
                                            "keys: model, num_classes, in_chans, small_input, pretrained, model_kwargs, "
-                                           "checkpoint, classes, compile, plugin, precision, recipe"),  # the core's too
+                                           "checkpoint, classes, compile, input_size, mean, plugin, precision, recipe, "
+                                           "std"),  # the core's too
     (["data.dataset=cifar11"], "data.dataset: no dataset plugin named 'cifar11' (did you mean: cifar10"),
     (["data.train_sise=10"], "data.train_sise: unknown key (did you mean: train_size?)"),
     (["data.image_size=3.5"], "data.image_size: expected int, got float 3.5"),

@@ -17,6 +17,7 @@ from kdkit.plugin.discovery import default_plugins
 from kdkit.recipe.experiment import resolve
 from kdkit.recipe.toml import load_recipe
 
+from conftest import TWO_TEACHER_RECIPE
 from test_datasets import make_tree
 
 DATA = """
@@ -157,3 +158,15 @@ def test_a_teacher_given_by_a_recipe_keeps_its_precision_and_compile_switch(writ
     student = write_recipe(DATA + '[teachers.big]\nrecipe = "teacher.toml"\nprecision = "bf16"\ncompile = true\n')
     spec = resolve(load_recipe(student)).teachers["big"]
     assert (spec.recipe.path.name, spec.precision, spec.compile) == ("teacher.toml", "bf16", True)
+
+
+def test_a_checkpoint_teacher_takes_the_normalization_and_size_its_weights_were_trained_with(write_recipe):
+    """Foreign weights (ImageNet statistics, 48 px) on 32 px data with the data's own statistics."""
+    declared = ["teachers.conv.mean=[0.485, 0.456, 0.406]", "teachers.conv.std=[0.229, 0.224, 0.225]",
+                "teachers.conv.input_size=48"]
+    built = kdkit.build(write_recipe(TWO_TEACHER_RECIPE), declared, allow_random_teachers=True)
+    conv, other = built.teachers["conv"], built.teachers["other"]
+    assert conv.mean_kd.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406]) and conv.input_size == 48
+    assert conv.std_kd.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+    data = built.parts.splits
+    assert other.mean_kd.flatten().tolist() == pytest.approx(data.mean) and other.input_size is None  # the default

@@ -199,6 +199,9 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
         index = class_index(exp, f"teachers.{name}.checkpoint", meta["class_names"], splits.class_names)
         return Teacher(Predictor(trained), mean=meta["mean"], std=meta["std"], input_size=meta["image_size"],
                        class_index=index, **options).to(device)
+    if spec.mean and len(spec.mean) != splits.in_chans:
+        raise exp.recipe.error(f"teachers.{name}.mean", f"{len(spec.mean)} values for the data's {splits.in_chans} "
+                               "channels: give one mean and one std per channel")
     outputs = len(spec.classes) if spec.classes else splits.num_classes
     context = dict(num_classes=outputs, in_chans=splits.in_chans, img_size=exp.data.image_size)
     if spec.pretrained:
@@ -219,9 +222,10 @@ def build_teacher(exp: Experiment, name: str, plugins: Plugins, splits: DatasetS
                                    f"be random. Name the teacher's classes (teachers.{name}.classes: a list or a file "
                                    f"of its {cfg['num_classes']} class names in output order) to use the logits of "
                                    "the data's classes")
-        size = cfg.get("input_size", (0, exp.data.image_size))[-1]
-        return Teacher(model, input_size=size, class_index=index, **options).to(device)
-    return Teacher(model, mean=splits.mean, std=splits.std, class_index=index, **options).to(device)
+        size = spec.input_size or cfg.get("input_size", (0, exp.data.image_size))[-1]
+        return Teacher(model, mean=spec.mean, std=spec.std, input_size=size, class_index=index, **options).to(device)
+    mean, std = (spec.mean, spec.std) if spec.mean else (splits.mean, splits.std)
+    return Teacher(model, mean=mean, std=std, input_size=spec.input_size, class_index=index, **options).to(device)
 
 
 def class_index(exp: Experiment, key: str, teacher_classes: list[str], data_classes: list[str]) -> list[int] | None:

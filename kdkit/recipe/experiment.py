@@ -48,6 +48,9 @@ class TeacherSpec:
     recipe: Recipe | None = None  # the recipe that trains this teacher, when it is not trained yet
     classes: list[str] | None = None  # the teacher's classes in its output order, when the recipe names them
     compile: bool = False  # torch.compile its forward
+    mean: list[float] | None = None  # the input normalization its weights were trained with, when not the data's
+    std: list[float] | None = None
+    input_size: int | None = None  # the image side it is fed (resized to), when not the data's
 
 
 @dataclass
@@ -250,10 +253,10 @@ def _teacher(recipe, plugins, name, table, allow_random, data: sections.DataConf
         if "plugin" in table:
             raise recipe.error(f"{key}.plugin", "the checkpoint is a kdkit run or student.safetensors, "
                                "which carries its own model: drop 'plugin' and the plugin's keys")
-        extra = (table.keys() - sections.TEACHER_KEYS) | ({"classes"} & table.keys())
+        extra = (table.keys() - sections.TEACHER_KEYS) | (sections.TEACHER_INPUT_KEYS & table.keys())
         if extra:
             raise recipe.error(f"{key}.{sorted(extra)[0]}", "unknown key for a teacher loaded from a kdkit export "
-                               "(it carries its own model and class names)")
+                               "(it carries its own model, class names and input normalization)")
         return TeacherSpec(name, None, checkpoint, False, precision, compile=compile_)
     spec = _plugin_spec(recipe, plugins, "teacher", table, key, sections.TEACHER_KEYS)
     if pretrained and not accepts(plugins.get("teacher", spec.plugin), "pretrained"):
@@ -262,7 +265,23 @@ def _teacher(recipe, plugins, name, table, allow_random, data: sections.DataConf
         raise recipe.error(key, "the teacher has no weights: set checkpoint or pretrained "
                            "(kdkit run --allow-random-teachers allows random teachers, for smoke tests)")
     classes = _class_names(recipe, f"{key}.classes", table.get("classes"))
-    return TeacherSpec(name, spec, checkpoint, pretrained, precision, classes=classes, compile=compile_)
+    return TeacherSpec(name, spec, checkpoint, pretrained, precision, classes=classes, compile=compile_,
+                       **_teacher_input(recipe, key, table))
+
+
+def _teacher_input(recipe, key: str, table: dict) -> dict:
+    """``mean`` and ``std`` (both or neither, one value per channel, std > 0) and ``input_size``."""
+    stats = {name: _typed(recipe, f"{key}.{name}", table.get(name), list[float], None) for name in ("mean", "std")}
+    mean, std = stats["mean"], stats["std"]
+    if (mean is None) != (std is None):
+        raise recipe.error(f"{key}.{'std' if std is None else 'mean'}", "give mean and std together: the "
+                           "normalization the teacher's weights were trained with")
+    if mean is not None and (len(mean) != len(std) or not mean or not all(s > 0 for s in std)):  # finite: typed
+        raise recipe.error(f"{key}.std", f"expected one mean and one std > 0 per channel, got mean {mean} "
+                           f"and std {std}")
+    size = _typed(recipe, f"{key}.input_size", table.get("input_size"),
+                  Annotated[int, Range(ge=1, le=sections.MAX_IMAGE_SIZE)], None)
+    return dict(mean=mean, std=std, input_size=size)
 
 
 def _class_names(recipe, key: str, value) -> list[str] | None:

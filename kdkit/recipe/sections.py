@@ -117,7 +117,9 @@ class CacheSettings:
 PREDICTIONS = ("eval", "heads_mean")  # names the heads cannot take: evaluation reports these too
 
 STUDENT_KEYS = {"plugin", "checkpoint"}
-TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes", "compile"}
+TEACHER_KEYS = {"plugin", "checkpoint", "pretrained", "precision", "recipe", "classes", "compile", "mean", "std",
+                "input_size"}
+TEACHER_INPUT_KEYS = {"classes", "mean", "std", "input_size"}  # what a kdkit export carries itself
 HEAD_KEYS = {"plugin", "embedding"}
 LOSS_KEYS = {"plugin", "head", "teachers", "weight"}
 CALLBACK_KEYS = {"plugin"}
