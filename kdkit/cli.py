@@ -200,6 +200,22 @@ def predict(
         typer.echo(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in classes))
 
 
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run directory or student.safetensors."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (ONNX, with kdkit[onnx]) or pt2 (torch.export)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The file (default: student.<format> beside "
+                                       "student.safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
+):
+    """Write the trained student's eval prediction for other runtimes (batch of any size; class names,
+    mean and std in the file's metadata)."""
+    from kdkit.tools.convert import export_student
+
+    with reported():
+        typer.echo(export_student(run_dir, fmt, out, force=force))
+
+
 @app.command()
 def compare(
     targets: List[Path] = typer.Argument(..., help="Run directories and/or recipe TOML files."),

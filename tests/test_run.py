@@ -293,3 +293,35 @@ def test_callback_objects_from_python_join_the_run(write_recipe, tmp_path):
         kdkit.run(write_recipe(TWO_TEACHER_RECIPE), out=tmp_path / "again", allow_random_teachers=True,
                   callbacks=[Misspelt()])
     assert not (tmp_path / "again").exists()
+
+
+def test_the_student_exports_for_other_runtimes(finished_run, cli, tmp_path):
+    """``torch.export`` and ONNX: the same eval prediction on a batch of another size, the metadata inside."""
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    _, out = finished_run
+    model = kdkit.load(out)
+    images = torch.randn(3, 3, 32, 32)  # the files were traced on a batch of 2
+    expected = model.predict(images).detach()
+
+    result = cli("export", out, "--format", "pt2", "-o", tmp_path / "s.pt2")
+    assert result.exit_code == 0, result.output
+    extra = {"kdkit.json": ""}
+    program = torch.export.load(tmp_path / "s.pt2", extra_files=extra)
+    torch.testing.assert_close(program.module()(images), expected)
+    assert json.loads(extra["kdkit.json"])["class_names"] == model.meta["class_names"]
+
+    again = cli("export", out, "--format", "pt2", "-o", tmp_path / "s.pt2")
+    assert again.exit_code == 2 and "already exists (--force replaces it)" in again.output
+    assert cli("export", out, "--format", "pt2", "-o", tmp_path / "s.pt2", "--force").exit_code == 0
+
+    shutil.copy(out / "student.safetensors", tmp_path)
+    result = cli("export", tmp_path / "student.safetensors")  # ONNX, beside it
+    assert result.exit_code == 0 and result.output.strip() == str(tmp_path / "student.onnx"), result.output
+    graph = onnx.load(tmp_path / "student.onnx")
+    onnx.checker.check_model(graph)
+    [answer] = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(answer), expected, rtol=1e-4, atol=1e-5)
+    meta = json.loads({p.key: p.value for p in graph.metadata_props}["kdkit"])
+    assert meta["mean"] == model.meta["mean"] and meta["image_size"] == 32
