@@ -282,7 +282,8 @@ def test_callback_objects_from_python_join_the_run(write_recipe, tmp_path):
     out = kdkit.run(write_recipe(TWO_TEACHER_RECIPE), ["train.epochs=2"], out=tmp_path / "run",
                     allow_random_teachers=True, callbacks=[seen])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert seen.rows == [(row["epoch"], row["epoch"], row["top1"]["eval"]) for row in rows] and seen.ended == "completed"
+    assert seen.rows == [(row["epoch"], row["epoch"], row["top1"]["eval"]) for row in rows]
+    assert seen.ended == "completed"
 
     class Misspelt:
         @api.hookimpl

@@ -41,7 +41,8 @@ def export_student(source: str | Path, fmt: str, out: str | Path | None = None, 
     try:
         if fmt == "pt2":
             exported = torch.export.export(program, (example,), dynamic_shapes=batch)
-            atomic_write(out, lambda tmp: torch.export.save(exported, tmp, extra_files={"kdkit.json": json.dumps(meta)}))
+            extra = {"kdkit.json": json.dumps(meta)}
+            atomic_write(out, lambda tmp: torch.export.save(exported, tmp, extra_files=extra))
         else:
             atomic_write(out, lambda tmp: _onnx(program, example, batch, meta, tmp))
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:  # what torch's exporters raise
