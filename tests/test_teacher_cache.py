@@ -215,3 +215,5 @@ def test_compare_plans_one_cache_job_per_cache_not_per_recipe(write_recipe):
     for changed in (["teacher_cache.views=4"], ['augment.crop_scale=[0.5, 1.0]'], ["data.train_size=16"]):
         assert identities(*changed).isdisjoint(first), changed
     assert len(identities('teachers.other.model="resnet10t"') & first) == 1  # the other teacher's cache is new
+    views_from_epochs = identities("teacher_cache.views=0", "train.epochs=2")  # views = epochs x repeats
+    assert views_from_epochs.isdisjoint(identities("teacher_cache.views=0", "train.epochs=3"))

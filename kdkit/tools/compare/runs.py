@@ -157,8 +157,9 @@ def train_in_stages(todo: list[Planned], jobs: int, console=None, *, allow_rando
             if out not in teachers:
                 recipe = exp.teachers[name].recipe
                 teachers[out] = run_command(f"teacher {recipe.table['name']}", recipe.path, (), out, flags)
-        if exp.teacher_cache and not cache_identities(exp, runs) <= cached:  # a cache no job builds yet
-            cached |= cache_identities(exp, runs)
+        needed = cache_identities(exp, runs) if exp.teacher_cache else set()
+        if not needed <= cached:  # a cache no job builds yet
+            cached |= needed
             args = ["cache", "build", str(plan.recipe.path), *(a for o in plan.overrides for a in ("-o", o)),
                     *random_ok]
             caches.append(Job(f"caches of {exp.name}", args, plan.path.parent / "teacher_cache.log"))
