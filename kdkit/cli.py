@@ -206,7 +206,7 @@ def export_command(
     fmt: str = typer.Option("onnx", "--format", help="onnx (ONNX, with kdkit[onnx]) or pt2 (torch.export)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The file (default: student.<format> beside "
                                        "student.safetensors)."),
-    force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace the file if kdkit export wrote it."),
 ):
     """Write the trained student's eval prediction for other runtimes (batch of any size; class names,
     mean and std in the file's metadata)."""

@@ -314,8 +314,11 @@ def test_the_student_exports_for_other_runtimes(finished_run, cli, tmp_path):
     assert json.loads(extra["kdkit.json"])["class_names"] == model.meta["class_names"]
 
     again = cli("export", out, "--format", "pt2", "-o", tmp_path / "s.pt2")
-    assert again.exit_code == 2 and "already exists (--force replaces it)" in again.output
+    assert again.exit_code == 2 and "already exists (--force replaces a file that kdkit export wrote" in again.output
     assert cli("export", out, "--format", "pt2", "-o", tmp_path / "s.pt2", "--force").exit_code == 0
+    (tmp_path / "mine.pt2").write_text("a user's file")
+    assert cli("export", out, "--format", "pt2", "-o", tmp_path / "mine.pt2", "--force").exit_code == 2
+    assert (tmp_path / "mine.pt2").read_text() == "a user's file"  # never replaced
 
     shutil.copy(out / "student.safetensors", tmp_path)
     result = cli("export", tmp_path / "student.safetensors")  # ONNX, beside it
@@ -326,3 +329,6 @@ def test_the_student_exports_for_other_runtimes(finished_run, cli, tmp_path):
     torch.testing.assert_close(torch.from_numpy(answer), expected, rtol=1e-4, atol=1e-5)
     meta = json.loads({p.key: p.value for p in graph.metadata_props}["kdkit"])
     assert meta["mean"] == model.meta["mean"] and meta["image_size"] == 32
+    from kdkit.tools.convert import written_by_kdkit
+
+    assert written_by_kdkit(tmp_path / "student.onnx", "onnx") and not written_by_kdkit(tmp_path / "mine.pt2", "onnx")

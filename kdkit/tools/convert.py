@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -32,8 +33,8 @@ def export_student(source: str | Path, fmt: str, out: str | Path | None = None, 
         raise KdkitError("--format onnx needs the onnx and onnxscript packages (pip install 'kdkit[onnx]')")
     model = load(source).eval()
     out = Path(out) if out else export_path(source).with_suffix(f".{fmt}")
-    if out.exists() and not force:
-        raise KdkitError(f"{out}: already exists (--force replaces it)")
+    if out.exists() and not (force and written_by_kdkit(out, fmt)):
+        raise KdkitError(f"{out}: already exists (--force replaces a file that kdkit export wrote, no other)")
     meta = {key: model.meta[key] for key in DEPLOY_META}
     program = Predictor(model).eval()
     example = torch.zeros(2, meta["in_chans"], meta["image_size"], meta["image_size"])
@@ -49,6 +50,19 @@ def export_student(source: str | Path, fmt: str, out: str | Path | None = None, 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFailed(f"{source}: the student cannot be exported as {fmt}: {first}") from exc
     return out
+
+
+def written_by_kdkit(path: Path, fmt: str) -> bool:
+    """Whether ``path`` is a ``kdkit export`` of ``fmt``: its ``kdkit`` metadata is there."""
+    try:
+        if fmt == "pt2":
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/extra/kdkit.json") for name in archive.namelist())
+        import onnx
+
+        return any(p.key == "kdkit" for p in onnx.load(str(path), load_external_data=False).metadata_props)
+    except Exception:  # not a zip, not ONNX, unreadable: not ours
+        return False
 
 
 def _onnx(program: torch.nn.Module, example: torch.Tensor, batch: dict, meta: dict, path: Path) -> None:
